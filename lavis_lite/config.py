@@ -1,0 +1,214 @@
+"""Configuration: OmegaConf layers merged in a fixed order and validated against dataclasses.
+
+Order (later wins): model defaults (configs/models/<arch>/<model_type>.yaml) < data set defaults
+(configs/datasets/<name>.yaml) < project yaml < ``--options key=value`` from the command line.
+Each default lives once, in a dataclass beside the code that uses it; YAML holds only overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+logger = logging.getLogger(__name__)
+
+# configs/ sits beside the package in a checkout and is shipped inside it as package data.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_ROOT = next(
+    (p for p in (_PACKAGE_DIR.parent / "configs", _PACKAGE_DIR / "configs") if p.is_dir()),
+    _PACKAGE_DIR.parent / "configs",
+)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or points at something missing."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The runner's keys under ``run:``; task-specific keys are validated by the task's own dataclass."""
+
+    task: str = "image_text_pretrain"
+    runner: Literal["runner_base", "runner_iter"] = "runner_base"
+    # optimisation (LAVIS key names)
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_rate: float = 0.9
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    accum_grad_iters: int = 1
+    max_grad_norm: Optional[float] = None
+    amp: bool = False  # autocast on GPU
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
+    fused_adamw: bool = True  # used where torch supports it (CUDA)
+    # loop
+    max_epoch: int = 1  # runner_base
+    max_iters: int = 0  # runner_iter: total iterations ...
+    iters_per_inner_epoch: int = 0  # ... split into inner epochs of this many
+    batch_size_train: int = 8  # per process
+    batch_size_eval: int = 8
+    num_workers: int = 0
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    train_splits: list[str] = dataclasses.field(default_factory=lambda: ["train"])
+    valid_splits: list[str] = dataclasses.field(default_factory=list)
+    test_splits: list[str] = dataclasses.field(default_factory=list)
+    evaluate: bool = False  # evaluation only
+    freeze: list[str] = dataclasses.field(default_factory=list)  # parameter-name prefixes to freeze
+    # output and checkpoints
+    output_dir: str = "output/run"
+    log_freq: int = 10
+    save_freq_epochs: int = 1  # 0: no per-epoch checkpoint
+    save_every_n_steps: int = 0  # 0: off
+    keep_last_k: int = 2
+    best_metric: str = "agg_metrics"  # eval metric that picks checkpoint_best.pth
+    resume_ckpt_path: Optional[str] = None
+    dist_timeout_minutes: float = 30.0
+    progress_bar: bool = True
+
+
+def merge_onto(schema: type[T], node: Any, where: str, sources: "Sources | None" = None) -> T:
+    """Validate ``node`` against dataclass ``schema`` and return the dataclass instance.
+
+    A misspelled key or wrong type raises ConfigError naming ``where.key`` and the file that set it.
+    """
+    node = OmegaConf.create({} if node is None else node)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = f"{where}.{err.full_key}" if getattr(err, "full_key", None) else where
+        origin = sources.origin(key) if sources else "the given config"
+        known = ", ".join(f.name for f in dataclasses.fields(schema))  # type: ignore[arg-type]
+        raise ConfigError(
+            f"{key} (set in {origin}): {err.msg if hasattr(err, 'msg') else err}. "
+            f"Valid keys for {where}: {known}."
+        ) from None
+
+
+class Sources:
+    """The layers a config was merged from, to tell which file set a key."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[str, DictConfig]] = []
+
+    def add(self, name: str, cfg: DictConfig) -> None:
+        self.layers.append((name, cfg))
+
+    def origin(self, dotted_key: str) -> str:
+        for name, cfg in reversed(self.layers):
+            if OmegaConf.select(cfg, dotted_key, default=_MISSING) is not _MISSING:
+                return name
+        return "no config file (a default)"
+
+
+_MISSING = object()
+
+
+def load_yaml(path: str | Path, what: str) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: no file at {path}; check the path")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml parser errors carry the line
+        raise ConfigError(f"{what}: {path} is not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{what}: {path} must hold a mapping at top level")
+    return cfg
+
+
+def model_config_path(arch: str, model_type: str) -> Path:
+    return CONFIG_ROOT / "models" / arch / f"{model_type}.yaml"
+
+
+def dataset_config_path(name: str) -> Path:
+    return CONFIG_ROOT / "datasets" / f"{name}.yaml"
+
+
+def load_config(cfg_path: str | Path, options: list[str] | None = None) -> tuple[DictConfig, Sources]:
+    """Merge the config layers for a run; returns the merged config and its sources.
+
+    Structure is checked here (top-level sections, model arch/type, data set names); key-level
+    validation happens in ``validate`` against the dataclasses of the registered components.
+    """
+    project = load_yaml(cfg_path, "--cfg-path")
+    try:
+        cli = OmegaConf.from_dotlist(list(options or []))
+    except Exception as err:
+        raise ConfigError(f"--options {options}: {err}; write them as key=value") from None
+    unknown = set(project) - {"model", "datasets", "run"}
+    unknown |= set(cli) - {"model", "datasets", "run"}
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level section(s) {sorted(unknown)} in {cfg_path} or --options; "
+            "use model, datasets, run"
+        )
+    head = OmegaConf.merge(project, cli)  # decides which defaults to load
+    sources = Sources()
+    layers: list[DictConfig] = []
+
+    model = head.get("model")
+    if model is None or "arch" not in model:
+        raise ConfigError(f"model.arch is missing in {cfg_path}; name a registered model arch")
+    if "model_type" in model:
+        path = model_config_path(model.arch, model.model_type)
+        if not path.is_file():
+            raise ConfigError(
+                f"model.model_type={model.model_type!r} (in {cfg_path}): no default config at {path}; "
+                f"choose one of {available_model_types(model.arch)}"
+            )
+        layer = OmegaConf.create({"model": load_yaml(path, "model defaults")})
+        sources.add(str(path), layer)
+        layers.append(layer)
+
+    for name in head.get("datasets") or {}:
+        path = dataset_config_path(name)
+        if path.is_file():
+            layer = OmegaConf.create({"datasets": {name: load_yaml(path, "data set defaults")}})
+            sources.add(str(path), layer)
+            layers.append(layer)
+
+    sources.add(str(cfg_path), project)
+    sources.add("--options", cli)
+    cfg = OmegaConf.merge(*layers, project, cli)
+    if "run" not in cfg:
+        cfg.run = {}
+    if "datasets" not in cfg:
+        cfg.datasets = {}
+    return cfg, sources
+
+
+def available_model_types(arch: str) -> list[str]:
+    folder = CONFIG_ROOT / "models" / arch
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def split_run_config(run_node: Any, task_schema: type | None, sources: Sources | None) -> tuple[RunConfig, Any]:
+    """Validate ``run:``: runner keys against RunConfig, the rest against the task's dataclass."""
+    run_node = OmegaConf.create({} if run_node is None else run_node)
+    runner_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    runner_part = {k: v for k, v in run_node.items() if k in runner_keys}
+    task_part = {k: v for k, v in run_node.items() if k not in runner_keys}
+    run_cfg = merge_onto(RunConfig, runner_part, "run", sources)
+    if task_schema is None:
+        if task_part:
+            key = next(iter(task_part))
+            origin = sources.origin(f"run.{key}") if sources else "the given config"
+            raise ConfigError(f"run.{key} (set in {origin}) is not a runner key and task "
+                              f"{run_cfg.task!r} takes no options; valid: {sorted(runner_keys)}")
+        return run_cfg, None
+    return run_cfg, merge_onto(task_schema, task_part, "run", sources)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
