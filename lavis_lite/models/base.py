@@ -67,14 +67,7 @@ class BaseModel(nn.Module):
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint's keys onto ours; identity by default."""
-        params = dict(self.named_parameters())
-        trainable = {n for n, p in params.items() if p.requires_grad}
-        trainable_modules = {n.rpartition(".")[0] for n in trainable}
-        return {
-            key: value
-            for key, value in self.state_dict().items()
-            if key in trainable or (key not in params and key.rpartition(".")[0] in trainable_modules)
-        }
+        return state
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
         result = self.load_state_dict(state, strict=False)
@@ -101,47 +94,6 @@ class BaseModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters with gradients plus buffers of modules that have any; what checkpoints hold."""
-        params = dict(self.named_parameters())
-        trainable = {n for n, p in params.items() if p.requires_grad}
-        trainable_modules = {n.rpartition(".")[0] for n in trainable}
-        return {
-            key: value
-            for key, value in self.state_dict().items()
-            if key in trainable or (key not in params and key.rpartition(".")[0] in trainable_modules)
-        }
-
-    def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(self.ignore_missing_prefixes)]
-        unexpected = list(result.unexpected_keys)
-        if missing or unexpected:
-            msg = (f"{source}: {len(missing)} missing keys {missing[:10]}, "
-                   f"{len(unexpected)} unexpected keys {unexpected[:10]}")
-            if strict:
-                raise KeyError(msg + "; is this checkpoint for this model.arch/model_type?")
-            logger.warning(msg)
-        logger.info("loaded %d tensors from %s", len(state), source)
-
-    def freeze(self, prefixes: Iterable[str]) -> None:
-        """Stop gradients for parameters whose names start with any of ``prefixes``."""
-        prefixes = tuple(prefixes)
-        matched = False
-        for name, param in self.named_parameters():
-            if name.startswith(prefixes):
-                param.requires_grad_(False)
-                matched = True
-        if prefixes and not matched:
-            raise KeyError(f"freeze {list(prefixes)}: no parameter name starts with these prefixes")
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters with gradients plus buffers of modules that have any; what checkpoints hold."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        trainable_modules = {n.rsplit(".", 1)[0] if "." in n else "" for n in trainable}
-        state = {}
-        for key, value in self.state_dict().items():
-            owner = key.rsplit(".", 1)[0] if "." in key else ""
-            if key in trainable or (key not in dict(self.named_parameters()) and owner in trainable_modules):
-                state[key] = value
         params = dict(self.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         trainable_modules = {n.rpartition(".")[0] for n in trainable}
