@@ -35,7 +35,7 @@ class RunConfig:
     """The runner's keys under ``run:``; task-specific keys are validated by the task's own dataclass."""
 
     task: str = "image_text_pretrain"
-    runner: Literal["runner_base", "runner_iter"] = "runner_base"
+    runner: str = "runner_base"  # RUNNERS name: runner_base (epochs) or runner_iter (iterations)
     # optimisation (LAVIS key names)
     lr_sched: str = "linear_warmup_cosine_lr"
     init_lr: float = 1e-4
@@ -89,10 +89,8 @@ def merge_onto(schema: type[T], node: Any, where: str, sources: "Sources | None"
         key = f"{where}.{err.full_key}" if getattr(err, "full_key", None) else where
         origin = sources.origin(key) if sources else "the given config"
         known = ", ".join(f.name for f in dataclasses.fields(schema))  # type: ignore[arg-type]
-        raise ConfigError(
-            f"{key} (set in {origin}): {err.msg if hasattr(err, 'msg') else err}. "
-            f"Valid keys for {where}: {known}."
-        ) from None
+        detail = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{key} (set in {origin}): {detail} Valid keys for {where}: {known}.") from None
 
 
 class Sources:
@@ -167,7 +165,9 @@ def load_config(cfg_path: str | Path, options: list[str] | None = None) -> tuple
                 f"model.model_type={model.model_type!r} (in {cfg_path}): no default config at {path}; "
                 f"choose one of {available_model_types(model.arch)}"
             )
-        layer = OmegaConf.create({"model": load_yaml(path, "model defaults")})
+        defaults = load_yaml(path, "model defaults")
+        defaults.pop("preprocess", None)  # used by load_model_and_preprocess; data sets name their own
+        layer = OmegaConf.create({"model": defaults})
         sources.add(str(path), layer)
         layers.append(layer)
 

@@ -37,20 +37,23 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
+def init_distributed(timeout_minutes: float = 30.0, device: str = "auto") -> torch.device:
     """Start the process group when launched by torchrun; return this process's device.
 
     nccl on GPU, gloo on CPU; a finite timeout so a dead rank ends the job instead of hanging it.
+    ``device``: "auto" (GPU when there is one), "cpu" or "cuda".
     """
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", get_local_rank()) if use_cuda else torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but torch sees no GPU; set run.device=auto or cpu")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    this_device = torch.device("cuda", get_local_rank()) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(this_device)
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         logger.info("process group: backend=%s rank=%d world_size=%d", backend, get_rank(), get_world_size())
-    return device
+    return this_device
 
 
 def destroy_distributed() -> None:

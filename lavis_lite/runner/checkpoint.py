@@ -1,0 +1,86 @@
+"""Checkpoints: trainable weights, optimizer, scaler, loop position, RNG states and the config.
+
+Files are written atomically (temp file, then rename) and load with ``weights_only=True``.
+The frozen image encoder and LLM are not stored: resume rebuilds them from their sources.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_STEP_FILE = re.compile(r"checkpoint_(\d+)\.pth$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop draws from, as plain lists: safe for ``weights_only`` loading and for
+    gathering across ranks."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _as_tuple(obj: Any) -> Any:
+    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    logger.info("saved checkpoint %s", path)
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run.resume_ckpt_path: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rotate(output_dir: str | Path, keep_last_k: int) -> None:
+    """Delete all but the ``keep_last_k`` newest ``checkpoint_<iteration>.pth`` files."""
+    files = sorted(
+        (int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_*.pth") if (m := _STEP_FILE.search(p.name))
+    )
+    for _, path in files[: max(len(files) - keep_last_k, 0)]:
+        path.unlink()
+        logger.info("removed old checkpoint %s", path)
+
+
+def check_trainable_keys(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    """A resumed checkpoint must hold exactly the trainable tensors of the freshly built model."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise KeyError(
+            f"{source}: the checkpoint's weights are not this model's trainable ones: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}. Was it written with other model or run.freeze settings?"
+        )
+    for key, value in saved.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, model has {tuple(expected[key].shape)}")

@@ -1,0 +1,65 @@
+"""Hooks: code that watches the loop. Five points; add one only when a real feature needs it."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lavis_lite import dist
+
+if TYPE_CHECKING:
+    from lavis_lite.runner.runner import Runner
+
+logger = logging.getLogger(__name__)
+
+
+class Hook:
+    def before_train(self, runner: "Runner") -> None: ...
+
+    def after_step(self, runner: "Runner", iteration: int, outputs: dict[str, float]) -> None: ...
+
+    def after_eval(self, runner: "Runner", split: str, metrics: dict[str, Any]) -> None: ...
+
+    def before_save(self, runner: "Runner", state: dict[str, Any]) -> None: ...
+
+    def after_train(self, runner: "Runner") -> None: ...
+
+
+class JsonLogHook(Hook):
+    """Appends JSON lines to ``<output_dir>/log.jsonl`` on rank 0: every ``log_freq`` iterations the
+    mean of each logged scalar since the last line (``train_loss``, ``train_loss_itc``, ``train_lr``,
+    ...), and each evaluation's metrics (``val_agg_metrics``, ...)."""
+
+    def __init__(self, output_dir: str | Path, log_freq: int):
+        self.path = Path(output_dir) / "log.jsonl"
+        self.log_freq = log_freq
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+        self.start = time.perf_counter()
+
+    def after_step(self, runner: "Runner", iteration: int, outputs: dict[str, float]) -> None:
+        for key, value in outputs.items():
+            self.sums[key] += value
+        self.count += 1
+        if (iteration + 1) % self.log_freq == 0 or iteration + 1 == runner.total_iters:
+            elapsed = time.perf_counter() - self.start
+            record = {"iteration": iteration + 1, "epoch": runner.epoch}
+            record.update({f"train_{k}": v / self.count for k, v in self.sums.items()})
+            record["samples_per_s"] = self.count * runner.global_batch_size / max(elapsed, 1e-9)
+            self._write(record)
+            self.sums.clear()
+            self.count = 0
+            self.start = time.perf_counter()
+
+    def after_eval(self, runner: "Runner", split: str, metrics: dict[str, Any]) -> None:
+        record = {"iteration": runner.iteration, "epoch": runner.epoch}
+        record.update({f"{split}_{k}": v for k, v in metrics.items()})
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if dist.is_main_process():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,130 @@
+"""Optimisation: AdamW parameter groups, the LAVIS LR schedules, and a step wrapper that owns
+AMP, gradient accumulation and clipping."""
+from __future__ import annotations
+
+import contextlib
+import math
+import torch
+from torch import nn
+
+from lavis_lite.registry import LR_SCHEDULERS
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and undecayed biases, norms, scalars and the names in
+    ``model.no_decay_names()`` (e.g. the learned query tokens)."""
+    no_decay_names = model.no_decay_names() if hasattr(model, "no_decay_names") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or name.endswith(".bias") or name in no_decay_names:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(model: nn.Module, weight_decay: float, beta2: float, fused: bool, device: torch.device) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    if not any(group["params"] for group in groups):
+        raise ValueError("no trainable parameters: check run.freeze and the model's freeze flags")
+    use_fused = fused and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, beta2), fused=use_fused or None)
+
+
+class LRSchedule:
+    """LR as a pure function of the iteration, so resuming needs no scheduler state.
+
+    Linear warm-up from ``warmup_lr`` to ``init_lr`` over the first ``warmup_steps`` iterations
+    (LAVIS warms up only inside epoch 0; here warm-up may span epochs).
+    """
+
+    def __init__(self, init_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int,
+                 total_steps: int, steps_per_epoch: int, decay_rate: float):
+        self.init_lr, self.min_lr, self.warmup_lr = init_lr, min_lr, warmup_lr
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+        self.steps_per_epoch, self.decay_rate = max(steps_per_epoch, 1), decay_rate
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.init_lr - self.warmup_lr) * step / self.warmup_steps
+        return self.after_warmup(step)
+
+    def after_warmup(self, step: int) -> float:
+        raise NotImplementedError
+
+
+@LR_SCHEDULERS.register("linear_warmup_cosine_lr")
+class LinearWarmupCosineLR(LRSchedule):
+    """Cosine from ``init_lr`` down to ``min_lr`` over the iterations after warm-up (LAVIS's
+    cosine moves once per epoch; per iteration is smoother and equal at epoch boundaries)."""
+
+    def after_warmup(self, step: int) -> float:
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@LR_SCHEDULERS.register("linear_warmup_step_lr")
+class LinearWarmupStepLR(LRSchedule):
+    """``init_lr * decay_rate ** epoch``, never below ``min_lr`` (as LAVIS)."""
+
+    def after_warmup(self, step: int) -> float:
+        epoch = step // self.steps_per_epoch
+        return max(self.min_lr, self.init_lr * self.decay_rate**epoch)
+
+
+@LR_SCHEDULERS.register("constant_lr")
+class ConstantLR(LRSchedule):
+    def after_warmup(self, step: int) -> float:
+        return self.init_lr
+
+
+class OptimWrapper:
+    """Backward and optimizer step with AMP, accumulation over ``accum_grad_iters`` micro-batches
+    and gradient clipping. The LR is set from ``schedule`` at every optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: LRSchedule, accum_grad_iters: int = 1,
+                 max_grad_norm: float | None = None, amp_dtype: torch.dtype | None = None,
+                 device_type: str = "cpu"):
+        self.optimizer, self.schedule = optimizer, schedule
+        self.accum_grad_iters, self.max_grad_norm = accum_grad_iters, max_grad_norm
+        self.amp_dtype, self.device_type = amp_dtype, device_type
+        use_scaler = amp_dtype == torch.float16 and device_type == "cuda"
+        self.scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.accum_grad_iters).backward()
+
+    def step(self, iteration: int) -> dict[str, float]:
+        """Apply the accumulated gradients; ``iteration`` picks the LR. Returns lr and grad norm."""
+        lr = self.schedule(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        stats = {"lr": lr}
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+

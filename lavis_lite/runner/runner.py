@@ -1,0 +1,326 @@
+"""Runner: gets built objects, owns the training loop, evaluates through the task, fires hooks.
+
+One loop serves both LAVIS runners: ``runner_base`` trains ``max_epoch`` passes over the data;
+``runner_iter`` trains ``max_iters`` iterations in inner epochs of ``iters_per_inner_epoch``
+(evaluation and checkpoints at each inner-epoch end), cycling the data as needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from lavis_lite import dist
+from lavis_lite.config import ConfigError, RunConfig, Sources, merge_onto, split_run_config, to_yaml
+from lavis_lite.data.samplers import EvalSampler, TrainSampler, mixing_weights
+from lavis_lite.logging import setup_logging
+from lavis_lite.registry import LR_SCHEDULERS, MODELS, RUNNERS, TASKS
+from lavis_lite.runner import checkpoint
+from lavis_lite.runner.hooks import Hook, JsonLogHook
+from lavis_lite.runner.optim import OptimWrapper, build_adamw
+from lavis_lite.tasks.base import BaseTask
+
+logger = logging.getLogger(__name__)
+
+
+def move_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@RUNNERS.register("runner_iter")
+@RUNNERS.register("runner_base")
+class Runner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: BaseTask,
+        cfg: RunConfig,
+        optim: OptimWrapper | None = None,
+        train_loader: DataLoader | None = None,
+        eval_loaders: dict[str, DataLoader] | None = None,
+        hooks: list[Hook] | None = None,
+        device: torch.device = torch.device("cpu"),
+        config_yaml: str = "",
+    ):
+        self.model, self.task, self.cfg, self.optim = model, task, cfg, optim
+        self.train_loader, self.eval_loaders = train_loader, eval_loaders or {}
+        self.device, self.config_yaml = device, config_yaml
+        self.output_dir = Path(cfg.output_dir)
+        if dist.is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.hooks = hooks if hooks is not None else [JsonLogHook(self.output_dir, cfg.log_freq)]
+        self.ddp_model = (
+            DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if dist.is_dist() and train_loader is not None
+            else None
+        )
+        self.iteration = 0  # next training iteration (micro-batch) to run
+        self.data_epoch, self.data_position = 0, 0  # passes over the data; batches taken in this pass
+        self.best_metric, self.best_iteration = -math.inf, -1
+        if train_loader is not None:
+            if cfg.runner == "runner_iter":
+                self.iters_per_epoch, self.total_iters = cfg.iters_per_inner_epoch, cfg.max_iters
+            else:
+                self.iters_per_epoch = len(train_loader)
+                self.total_iters = cfg.max_epoch * self.iters_per_epoch
+            self.global_batch_size = cfg.batch_size_train * dist.get_world_size()
+            self.loader_generator = train_loader.generator
+        if cfg.resume_ckpt_path:
+            self.resume(cfg.resume_ckpt_path)
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // max(getattr(self, "iters_per_epoch", 1), 1)
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        if self.train_loader is None or self.optim is None:
+            raise RuntimeError("this runner was built without training data or optimizer (run.evaluate=True?)")
+        self._fire("before_train")
+        batches = self._batches()
+        progress = self._progress_bar()
+        self.model.train()
+        while self.iteration < self.total_iters:
+            epoch_end = min((self.epoch + 1) * self.iters_per_epoch, self.total_iters)
+            while self.iteration < epoch_end:
+                outputs = self._train_step(move_to_device(next(batches), self.device), epoch_end)
+                self._fire("after_step", self.iteration, outputs)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{outputs['loss']:.4f}", lr=f"{outputs['lr']:.2e}")
+                self.iteration += 1
+                if self.cfg.save_every_n_steps and self.iteration % self.cfg.save_every_n_steps == 0:
+                    self.save(f"checkpoint_{self.iteration}.pth", rotate=True)
+            self._end_of_epoch()
+        if progress is not None:
+            progress.close()
+        if self.cfg.test_splits:
+            best = self.output_dir / "checkpoint_best.pth"
+            if best.is_file():
+                self.model.load_state_dict(checkpoint.load(best)["model"], strict=False)
+                logger.info("testing the best checkpoint (iteration %d)", self.best_iteration)
+            self.evaluate(self.cfg.test_splits)
+        self._fire("after_train")
+
+    def _train_step(self, batch: dict[str, Any], epoch_end: int) -> dict[str, float]:
+        model = self.ddp_model or self.model
+        accum = self.cfg.accum_grad_iters
+        sync = (self.iteration + 1) % accum == 0 or self.iteration + 1 == epoch_end
+        no_sync = model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with self.optim.autocast():
+                outputs = self.task.train_step(model, batch)
+            loss = outputs["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at iteration {self.iteration}; lower run.init_lr "
+                                         "or use run.amp_dtype=bfloat16")
+            self.optim.backward(loss)
+        logs = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+        logs["lr"] = self.optim.schedule(self.iteration)
+        if sync:
+            logs.update(self.optim.step(self.iteration))
+        return logs
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Endless batches continuing from (data_epoch, data_position); reseeded every pass."""
+        sampler = self.train_loader.sampler
+        while True:
+            sampler.set_epoch(self.data_epoch, skip=self.data_position * self.cfg.batch_size_train)
+            if self.loader_generator is not None:  # seeds the workers' augmentations
+                self.loader_generator.manual_seed(self.cfg.seed * 7919 + self.data_epoch * 104_729 + dist.get_rank())
+            for batch in self.train_loader:
+                self.data_position += 1
+                yield batch
+            self.data_epoch, self.data_position = self.data_epoch + 1, 0
+
+    def _end_of_epoch(self) -> None:
+        finished_epoch = self.epoch - 1
+        if self.cfg.valid_splits:
+            metrics = self.evaluate(self.cfg.valid_splits)
+            first = metrics[self.cfg.valid_splits[0]]
+            if self.cfg.best_metric not in first:
+                raise KeyError(f"run.best_metric={self.cfg.best_metric!r} is not among the metrics {sorted(first)}")
+            if first[self.cfg.best_metric] > self.best_metric:
+                self.best_metric, self.best_iteration = first[self.cfg.best_metric], self.iteration
+                self.save("checkpoint_best.pth")
+        if self.cfg.save_freq_epochs and (finished_epoch + 1) % self.cfg.save_freq_epochs == 0:
+            self.save(f"checkpoint_{self.iteration}.pth", rotate=True)
+
+    def _progress_bar(self):
+        if not (self.cfg.progress_bar and dist.is_main_process()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_iters, initial=self.iteration, unit="it", dynamic_ncols=True)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, splits: list[str]) -> dict[str, dict]:
+        """Evaluate every configured loader whose name is (or ends with) one of ``splits``."""
+        self.model.eval()
+        results = {}
+        for name, loader in self.eval_loaders.items():
+            if name in splits or name.rsplit("/", 1)[-1] in splits:
+                results[name] = self.task.evaluation(self.model, loader, name, str(self.output_dir))
+                self._fire("after_eval", name, results[name])
+        missing = [s for s in splits if not any(n == s or n.endswith("/" + s) for n in results)]
+        if missing:
+            raise KeyError(f"no evaluation data for split(s) {missing}; data sets provide {sorted(self.eval_loaders)}")
+        self.model.train()
+        return results
+
+    # --------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.trainable_state_dict(),
+            "optim": self.optim.state_dict() if self.optim else None,
+            "iteration": self.iteration,
+            "data_epoch": self.data_epoch,
+            "data_position": self.data_position,
+            "best": {"metric": self.best_metric, "iteration": self.best_iteration},
+            "rng": dist.all_gather_object(checkpoint.rng_state()),
+            "world_size": dist.get_world_size(),
+            "config": self.config_yaml,
+        }
+
+    def save(self, name: str, rotate: bool = False) -> None:
+        state = self.state()  # every rank: gathers RNG states
+        self._fire("before_save", state)
+        if dist.is_main_process():
+            checkpoint.save_atomic(state, self.output_dir / name)
+            if rotate:
+                checkpoint.rotate(self.output_dir, self.cfg.keep_last_k)
+        dist.barrier()
+
+    def resume(self, path: str | Path) -> None:
+        state = checkpoint.load(path)
+        expected = self.model.trainable_state_dict()
+        checkpoint.check_trainable_keys(state["model"], expected, str(path))
+        self.model.load_state_dict(state["model"], strict=False)
+        if self.optim is not None and state["optim"] is not None:
+            self.optim.load_state_dict(state["optim"])
+        self.iteration = state["iteration"]
+        self.data_epoch, self.data_position = state["data_epoch"], state["data_position"]
+        self.best_metric, self.best_iteration = state["best"]["metric"], state["best"]["iteration"]
+        if state["world_size"] == dist.get_world_size():
+            checkpoint.set_rng_state(state["rng"][dist.get_rank()])
+        else:
+            logger.warning("resuming on %d processes from a checkpoint of %d: RNG streams restart from the seed",
+                           dist.get_world_size(), state["world_size"])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _fire(self, point: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(self, *args)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg: DictConfig, sources: Sources | None = None) -> "Runner":
+        """Validate every section, then build data, model, optimizer and loaders."""
+        task_cls = TASKS.get(OmegaConf.select(cfg, "run.task", default=RunConfig.task))
+        run_cfg, task_cfg = split_run_config(cfg.run, task_cls.config_class, sources)
+        _check_run_config(run_cfg)
+        model_cls = MODELS.get(cfg.model.arch)
+        merge_onto(model_cls.config_class, cfg.model, "model", sources)  # fail on a typo before heavy work
+
+        device = dist.init_distributed(run_cfg.dist_timeout_minutes, run_cfg.device)
+        seed_everything(run_cfg.seed + dist.get_rank())
+        setup_logging(run_cfg.output_dir, dist.get_rank())
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        logger.info("resolved config:\n%s", config_yaml)
+        if dist.is_main_process():
+            Path(run_cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_cfg.output_dir) / "config.yaml").write_text(config_yaml)
+
+        from lavis_lite.data.builders import build_datasets
+
+        datasets = build_datasets(cfg.datasets, sources)
+        model = model_cls.from_config(cfg.model)
+        if run_cfg.freeze:
+            model.freeze(run_cfg.freeze)
+        model.to(device)
+
+        train_loader = optim = None
+        if not run_cfg.evaluate:
+            train_loader = build_train_loader(datasets, run_cfg)
+            steps_per_epoch = run_cfg.iters_per_inner_epoch if run_cfg.runner == "runner_iter" else len(train_loader)
+            total = run_cfg.max_iters if run_cfg.runner == "runner_iter" else run_cfg.max_epoch * steps_per_epoch
+            schedule = LR_SCHEDULERS.get(run_cfg.lr_sched)(
+                init_lr=run_cfg.init_lr, min_lr=run_cfg.min_lr, warmup_lr=run_cfg.warmup_lr,
+                warmup_steps=run_cfg.warmup_steps, total_steps=total, steps_per_epoch=steps_per_epoch,
+                decay_rate=run_cfg.decay_rate,
+            )
+            amp_dtype = getattr(torch, run_cfg.amp_dtype) if run_cfg.amp and device.type == "cuda" else None
+            optim = OptimWrapper(
+                build_adamw(model, run_cfg.weight_decay, run_cfg.beta2, run_cfg.fused_adamw, device), schedule,
+                run_cfg.accum_grad_iters, run_cfg.max_grad_norm, amp_dtype, device.type,
+            )
+        eval_splits = list(run_cfg.valid_splits) + list(run_cfg.test_splits)
+        eval_loaders = build_eval_loaders(datasets, eval_splits, run_cfg)
+        return cls(model, task_cls(task_cfg), run_cfg, optim, train_loader, eval_loaders,
+                   device=device, config_yaml=config_yaml)
+
+
+def _check_run_config(cfg: RunConfig) -> None:
+    if cfg.runner == "runner_iter" and (cfg.max_iters <= 0 or cfg.iters_per_inner_epoch <= 0):
+        raise ConfigError("run.runner=runner_iter needs run.max_iters and run.iters_per_inner_epoch > 0")
+    if cfg.accum_grad_iters < 1:
+        raise ConfigError(f"run.accum_grad_iters={cfg.accum_grad_iters}; it must be >= 1")
+    if cfg.save_every_n_steps % cfg.accum_grad_iters:
+        raise ConfigError(f"run.save_every_n_steps={cfg.save_every_n_steps} must be a multiple of "
+                          f"run.accum_grad_iters={cfg.accum_grad_iters} so no checkpoint splits an accumulation")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_train_loader(datasets: dict[str, dict[str, Dataset]], cfg: RunConfig) -> DataLoader:
+    """One loader over every data set's training splits, mixed by their ``sample_ratio``."""
+    parts, ratios = [], []
+    for name, splits in datasets.items():
+        for split in cfg.train_splits:
+            if split in splits:
+                parts.append(splits[split])
+                ratios.append(getattr(splits[split], "sample_ratio", 1.0))
+    if not parts:
+        raise KeyError(f"run.train_splits={list(cfg.train_splits)}: no configured data set has these splits "
+                       f"(have {[f'{n}/{s}' for n, sp in datasets.items() for s in sp]})")
+    data = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    sampler = TrainSampler(len(data), dist.get_rank(), dist.get_world_size(), cfg.seed,
+                           mixing_weights([len(p) for p in parts], ratios))
+    return DataLoader(
+        data, batch_size=cfg.batch_size_train, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=_collater(parts[0]), drop_last=True, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(), persistent_workers=False,
+    )
+
+
+def build_eval_loaders(datasets: dict[str, dict[str, Dataset]], splits: list[str], cfg: RunConfig) -> dict[str, DataLoader]:
+    """Loaders named ``<split>`` (one data set) or ``<data set>/<split>`` (several)."""
+    loaders = {}
+    for name, by_split in datasets.items():
+        for split in splits:
+            if split not in by_split:
+                continue
+            data = by_split[split]
+            key = split if len(datasets) == 1 else f"{name}/{split}"
+            loaders[key] = DataLoader(
+                data, batch_size=cfg.batch_size_eval, num_workers=cfg.num_workers, collate_fn=_collater(data),
+                sampler=EvalSampler(len(data), dist.get_rank(), dist.get_world_size()),
+            )
+    return loaders
+
+
+def _collater(data: Dataset):
+    return getattr(data, "collater", None)
