@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lavis_lite",
+    version="0.1.0",
+    description="A small, fast, honest research framework for Q-Former vision-language models (BLIP-2)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lavis_lite", "lavis_lite.*"]),
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "transformers==5.23.0",  # InternLM2 is loaded natively as Llama: no remote code
+        "timm==1.0.31",
+        "peft==0.21.2",
+        "omegaconf>=2.3,<2.5",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.22",
+        "pycocotools>=2.0.8",
+        "pycocoevalcap>=1.2",
+        "pillow>=10",
+        "numpy>=1.26",
+        "webdataset>=0.2.100",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "lavis-lite-train=lavis_lite.train:main",
+            "lavis-lite-evaluate=lavis_lite.evaluate:main",
+        ]
+    },
+)
