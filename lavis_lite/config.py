@@ -180,12 +180,34 @@ def load_config(cfg_path: str | Path, options: list[str] | None = None) -> tuple
 
     sources.add(str(cfg_path), project)
     sources.add("--options", cli)
-    cfg = OmegaConf.merge(*layers, project, cli)
+    cfg = OmegaConf.create({})
+    for layer in [*layers, project, cli]:
+        cfg = OmegaConf.merge(_drop_renamed(cfg, layer), layer)
     if "run" not in cfg:
         cfg.run = {}
     if "datasets" not in cfg:
         cfg.datasets = {}
     return cfg, sources
+
+
+def _drop_renamed(base: DictConfig, layer: DictConfig) -> DictConfig:
+    """Remove from ``base`` every node that ``layer`` rebuilds under another registered ``name``
+    (e.g. a processor switched from blip_image_train to blip_image_eval), so the old class's keys
+    are replaced rather than merged into the new one."""
+    base = base.copy()
+
+    def walk(base_node: Any, layer_node: Any) -> None:
+        for key, value in layer_node.items_ex(resolve=False) if isinstance(layer_node, DictConfig) else []:
+            old = base_node.get(key) if isinstance(base_node, DictConfig) else None
+            if not isinstance(value, DictConfig) or not isinstance(old, DictConfig):
+                continue
+            if "name" in value and "name" in old and value.name != old.name:
+                base_node.pop(key)
+            else:
+                walk(old, value)
+
+    walk(base, layer)
+    return base
 
 
 def available_model_types(arch: str) -> list[str]:

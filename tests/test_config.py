@@ -90,3 +90,18 @@ def test_task_keys_validated_by_task_dataclass(tmp_path):
     assert run.max_epoch == 2 and task.num_beams == 3
     with pytest.raises(ConfigError, match="run.num_beam"):
         split_run_config(OmegaConf.create({"num_beam": 3}), VqaLike, None)
+
+
+def test_switching_a_registered_name_replaces_the_node(tmp_path):
+    project = PROJECT + """datasets:
+  shapes_caption:
+    vis_processor:
+      train: {name: blip_image_eval, image_size: 32}
+"""
+    cfg, _ = load_config(write(tmp_path / "p.yaml", project))
+    # configs/datasets/shapes_caption.yaml sets {name: blip_image_train, hflip: false}: not merged in
+    assert dict(cfg.datasets.shapes_caption.vis_processor.train) == {"name": "blip_image_eval", "image_size": 32}
+    cfg, _ = load_config(write(tmp_path / "q.yaml", PROJECT + "datasets: {shapes_caption: {}}\n"),
+                         ["datasets.shapes_caption.vis_processor.train.image_size=48"])
+    assert cfg.datasets.shapes_caption.vis_processor.train.hflip is False  # same name: merged
+    assert cfg.datasets.shapes_caption.vis_processor.train.image_size == 48

@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lavis_lite import dist
 from lavis_lite.config import ConfigError, RunConfig, Sources, merge_onto, split_run_config, to_yaml
+from lavis_lite.data.builders import build_datasets  # also registers the ${shapes_root:} resolver
 from lavis_lite.data.samplers import EvalSampler, TrainSampler, mixing_weights
 from lavis_lite.logging import setup_logging
 from lavis_lite.registry import LR_SCHEDULERS, MODELS, RUNNERS, TASKS
@@ -234,13 +235,12 @@ class Runner:
         device = dist.init_distributed(run_cfg.dist_timeout_minutes, run_cfg.device)
         seed_everything(run_cfg.seed + dist.get_rank())
         setup_logging(run_cfg.output_dir, dist.get_rank())
+        logger.info("world_size=%d, device %s", dist.get_world_size(), device)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         logger.info("resolved config:\n%s", config_yaml)
         if dist.is_main_process():
             Path(run_cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_cfg.output_dir) / "config.yaml").write_text(config_yaml)
-
-        from lavis_lite.data.builders import build_datasets
 
         datasets = build_datasets(cfg.datasets, sources)
         model = model_cls.from_config(cfg.model)
