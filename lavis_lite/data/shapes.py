@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # bump on any change to the output, so cached copies are regenerated
 SPLITS = ("train", "val", "test")
 # Integer image id = offset + index, so a split's ids don't depend on the other splits' sizes.
 _ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -355,7 +355,7 @@ def bert_vocab(texts: list[str]) -> list[str]:
     return vocab
 
 
-def _write_split(root: Path, split: str, spec: ShapesSpec) -> tuple[list[str], int]:
+def _write_split(root: Path, split: str, spec: ShapesSpec) -> list[str]:
     """Write one split's images and annotations; return its text (for the vocabulary)."""
     count = getattr(spec, split)
     (root / "images" / split).mkdir(parents=True)
@@ -401,7 +401,7 @@ def _write_split(root: Path, split: str, spec: ShapesSpec) -> tuple[list[str], i
     _dump(ann / f"vqa_{split}_annotations.json", {**header, "annotations": vqa_a})
     _dump(ann / f"vqa_{split}.json", vqa_lavis)
     _dump(ann / f"scenes_{split}.json", scenes)
-    return texts, count
+    return texts
 
 
 def manifest(spec: ShapesSpec) -> dict:
@@ -424,7 +424,7 @@ def generate_shapes(root: str | Path, spec: ShapesSpec) -> Path:
     (root / "annotations").mkdir(parents=True)
     texts: list[str] = []
     for split in SPLITS:
-        texts += _write_split(root, split, spec)[0]
+        texts += _write_split(root, split, spec)
     (root / "bert_vocab").mkdir()
     (root / "bert_vocab" / "vocab.txt").write_text("\n".join(bert_vocab(texts)) + "\n", encoding="utf-8")
     _dump(root / "manifest.json", manifest(spec))  # last: its presence marks a complete data set
