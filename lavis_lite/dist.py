@@ -84,12 +84,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return tensor
     tensor = tensor.clone()
     dist.all_reduce(tensor)
-    return tensor / get_world_size()
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(tensor) / get_world_size()
 
 
 class _GatherWithGrad(torch.autograd.Function):

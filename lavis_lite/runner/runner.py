@@ -67,6 +67,7 @@ class Runner:
         self.iteration = 0  # next training iteration (micro-batch) to run
         self.data_epoch, self.data_position = 0, 0  # passes over the data; batches taken in this pass
         self.best_metric, self.best_iteration = -math.inf, -1
+        self.bad_images = 0  # skipped unreadable images this epoch (datasets.<name>.skip_bad_images)
         if train_loader is not None:
             if cfg.runner == "runner_iter":
                 self.iters_per_epoch, self.total_iters = cfg.iters_per_inner_epoch, cfg.max_iters
@@ -93,7 +94,9 @@ class Runner:
         while self.iteration < self.total_iters:
             epoch_end = min((self.epoch + 1) * self.iters_per_epoch, self.total_iters)
             while self.iteration < epoch_end:
-                outputs = self._train_step(move_to_device(next(batches), self.device), epoch_end)
+                batch = next(batches)
+                self.bad_images += batch.get("bad_images", 0)
+                outputs = self._train_step(move_to_device(batch, self.device), epoch_end)
                 self._fire("after_step", self.iteration, outputs)
                 if progress is not None:
                     progress.update(1)
@@ -145,6 +148,11 @@ class Runner:
 
     def _end_of_epoch(self) -> None:
         finished_epoch = self.epoch - 1
+        bad = int(dist.all_reduce_sum(torch.tensor(self.bad_images)))
+        if bad:
+            logger.warning("epoch %d: skipped %d unreadable images (see the warnings above for their paths)",
+                           finished_epoch, bad)
+        self.bad_images = 0
         if self.cfg.valid_splits:
             metrics = self.evaluate(self.cfg.valid_splits)
             first = metrics[self.cfg.valid_splits[0]]

@@ -128,3 +128,16 @@ def test_best_checkpoint_follows_metric(tmp_path):
     assert len(evals) == 2 and evals[0]["val_num_samples"] == 10
     best = checkpoint.load(tmp_path / "checkpoint_best.pth")
     assert best["best"]["metric"] == pytest.approx(max(e["val_agg_metrics"] for e in evals))
+
+
+def test_skipped_bad_images_are_reported_at_epoch_end(tmp_path, caplog):
+    class WithBadCounts(ToyCaptions):
+        def collater(self, samples):
+            return {**super().collater(samples), "bad_images": 1}  # as if each batch replaced one image
+
+    runner = make_runner(tmp_path, WithBadCounts(), max_epoch=2)
+    with caplog.at_level("WARNING"):
+        runner.train()
+    reports = [r.getMessage() for r in caplog.records if "unreadable images" in r.getMessage()]
+    assert reports == ["epoch 0: skipped 3 unreadable images (see the warnings above for their paths)",
+                       "epoch 1: skipped 3 unreadable images (see the warnings above for their paths)"]
