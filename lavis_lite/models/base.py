@@ -94,7 +94,7 @@ class BaseModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters with gradients plus buffers of modules that have any; what checkpoints hold."""
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters(remove_duplicate=False))  # every name of a tied weight
         trainable = {n for n, p in params.items() if p.requires_grad}
         trainable_modules = {n.rpartition(".")[0] for n in trainable}
         return {

@@ -1,0 +1,355 @@
+"""BLIP-2 stage 1: a frozen image encoder + Q-Former trained with ITC, ITM and ITG (Li et al., BLIP-2,
+2023, https://arxiv.org/abs/2301.12597); LAVIS: lavis/models/blip2_models/blip2_qformer.py,
+blip2_image_text_matching.py.
+
+Archs: ``blip2`` (training: ``forward(batch)`` -> losses), ``blip2_feature_extractor``
+(``extract_features``) and ``blip2_image_text_matching`` (``forward(samples, match_head)``), all one class
+family sharing one config; model types ``pretrain`` (EVA-CLIP-g), ``pretrain_vitL`` (CLIP-L), ``coco``
+(364 px, ViT trained) and ``tiny`` (tests, CPU demos).
+
+How we differ from LAVIS:
+- distributed ITC/ITM go through ``lavis_lite.dist`` (no process group needed in one process); the
+  gathered "all" side of ITC is detached at every world size, as LAVIS's ``concat_all_gather`` is;
+- image ids may be ints or strings (hashed to int64 codes, see ``losses.image_ids_to_tensor``); with ids,
+  ITC targets and ITM negatives treat every pair with the same id as positive (LAVIS's COCO path);
+- hard negatives are drawn in one vectorised ``torch.multinomial`` call; ``negative_sampler`` can be
+  swapped (e.g. ``losses.hardest_negatives``) for deterministic tests;
+- ``temp`` is clamped to [0.001, 0.5] under ``clamp_temp`` (as BLIP-1; LAVIS's BLIP-2 file has no clamp);
+- config names: ``img_size`` (LAVIS ``image_size``), ``vit_use_checkpoint`` (``use_grad_checkpoint``),
+  ``qformer.num_query_token`` / ``qformer.cross_attention_freq`` (top-level in LAVIS yamls);
+- the tokenizer and BERT weights come from local directories (``tokenizer_path``, ``bert_init_path``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertTokenizer
+
+from lavis_lite import dist
+from lavis_lite.config import CONFIG_ROOT
+from lavis_lite.models import losses
+from lavis_lite.models.base import BaseModel
+from lavis_lite.models.convert import convert_lavis_blip2
+from lavis_lite.models.qformer import QFormer, QFormerConfig, init_from_bert
+from lavis_lite.models.vision import (
+    VitModel,
+    VitPrecision,
+    create_vision_encoder,
+    load_vision_weights,
+    set_vit_precision,
+    vision_checkpoint_filter,
+    vision_features,
+)
+from lavis_lite.registry import MODELS
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class Blip2QformerConfig:
+    arch: str = "blip2"
+    model_type: str = "pretrain"
+    # image encoder (vision.py)
+    vit_model: VitModel = "eva_clip_g"
+    img_size: int = 224  # LAVIS: image_size
+    drop_path_rate: float = 0.0
+    vit_use_checkpoint: bool = False  # LAVIS: use_grad_checkpoint
+    vit_precision: VitPrecision = "fp16"
+    freeze_vit: bool = True  # no gradients, always in eval mode
+    vit_pretrained: Optional[str] = None  # LAVIS eva_vit_g.pth / clip_vit_L.pth (or a timm state dict)
+    # Q-Former (qformer.py); encoder_width comes from the image encoder, vocab_size must match the tokenizer
+    qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    bert_init_path: Optional[str] = None  # local HF bert-base-uncased dir; None: random init
+    tokenizer_path: str = "bert-base-uncased"  # local dir with vocab.txt; relative: from cwd, then repo root
+    embed_dim: int = 256  # ITC projection width
+    max_txt_len: int = 32
+    clamp_temp: bool = True
+    pretrained: Optional[str] = None  # full checkpoint (LAVIS or ours), loaded by BaseModel.from_config
+
+
+@dataclasses.dataclass
+class Blip2Features:
+    """``extract_features`` output (LAVIS BlipOutputFeatures); fields not computed in a mode are None."""
+
+    image_embeds: Optional[torch.Tensor] = None  # [B, Q, H] query outputs (mode "image")
+    image_embeds_proj: Optional[torch.Tensor] = None  # [B, Q, embed_dim], normalised
+    text_embeds: Optional[torch.Tensor] = None  # [B, T, H] text outputs (mode "text")
+    text_embeds_proj: Optional[torch.Tensor] = None  # [B, T, embed_dim], normalised
+    multimodal_embeds: Optional[torch.Tensor] = None  # [B, Q, H] query outputs with text (mode "multimodal")
+
+
+# ----------------------------------------------------------------------------------- submodules
+def build_tokenizer(tokenizer_path: str) -> BertTokenizer:
+    """BERT WordPiece tokenizer from a local directory, with ``[DEC]`` added as bos token (LAVIS)."""
+    path = Path(tokenizer_path)
+    if not path.is_absolute() and not path.is_dir() and (CONFIG_ROOT.parent / path).is_dir():
+        path = CONFIG_ROOT.parent / path
+    if not (path / "vocab.txt").is_file():
+        raise FileNotFoundError(
+            f"model.tokenizer_path={tokenizer_path}: no vocab.txt there; point it at a local BERT tokenizer "
+            "directory (e.g. a download of bert-base-uncased)"
+        )
+    tokenizer = BertTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------- model
+@MODELS.register("blip2")
+class Blip2Qformer(BaseModel):
+    """Image encoder -> ``ln_vision`` -> Q-Former with ``query_tokens``; ITC/ITM/ITG heads.
+
+    Parameter names are LAVIS's: ``visual_encoder.*``, ``ln_vision``, ``Qformer.*``, ``query_tokens``,
+    ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``.
+    """
+
+    config_class = Blip2QformerConfig
+    # LAVIS stage-1 checkpoints hold no image-encoder weights (it is frozen; LAVIS saves trainable ones)
+    ignore_missing_prefixes = ("visual_encoder.",)
+
+    def __init__(self, cfg: Blip2QformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.tokenizer_path)
+
+        self.visual_encoder = create_vision_encoder(
+            cfg.vit_model, cfg.img_size, cfg.drop_path_rate, cfg.vit_use_checkpoint
+        )
+        if cfg.vit_pretrained:
+            load_vision_weights(self.visual_encoder, cfg.vit_model, cfg.vit_pretrained)
+        elif cfg.vit_model != "tiny":
+            logger.warning("model.vit_pretrained is not set: the %s image encoder is randomly initialised "
+                           "unless model.pretrained holds visual_encoder.* weights", cfg.vit_model)
+        set_vit_precision(self.visual_encoder, cfg.vit_precision)
+        width = self.visual_encoder.num_features
+        self.ln_vision = nn.LayerNorm(width)
+        if cfg.freeze_vit:
+            for param in self.visual_encoder.parameters():
+                param.requires_grad_(False)
+            self.visual_encoder.eval()
+
+        qcfg = dataclasses.replace(cfg.qformer)
+        if qcfg.encoder_width is None:
+            qcfg.encoder_width = width
+        elif qcfg.encoder_width != width:
+            raise ValueError(f"model.qformer.encoder_width={qcfg.encoder_width} but {cfg.vit_model} features are "
+                             f"{width} wide; remove model.qformer.encoder_width (it is taken from the encoder)")
+        if qcfg.vocab_size is None:
+            qcfg.vocab_size = len(self.tokenizer)
+        elif qcfg.vocab_size != len(self.tokenizer):
+            raise ValueError(f"tokenizer at {cfg.tokenizer_path} has {len(self.tokenizer)} tokens with [DEC] but "
+                             f"model.qformer.vocab_size={qcfg.vocab_size}; set model.qformer.vocab_size="
+                             f"{len(self.tokenizer)} (or null to follow the tokenizer)")
+        self.Qformer = QFormer(qcfg)
+        if cfg.bert_init_path:
+            init_from_bert(self.Qformer, cfg.bert_init_path)
+        hidden = qcfg.hidden_size
+        self.query_tokens = nn.Parameter(torch.zeros(1, qcfg.num_query_token, hidden))
+        nn.init.normal_(self.query_tokens, std=qcfg.initializer_range)
+        self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        # (sim [b, N], positive [b, N]) -> negative column per row [b]; swap for deterministic runs
+        self.negative_sampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = losses.sample_hard_negatives
+
+    def train(self, mode: bool = True) -> "Blip2Qformer":
+        super().train(mode)
+        if self.cfg.freeze_vit:
+            self.visual_encoder.eval()  # LAVIS's disabled_train
+        return self
+
+    def no_decay_names(self) -> set[str]:
+        return {"query_tokens"}
+
+    # -------------------------------------------------------------------------------- building blocks
+    @property
+    def num_query_token(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """image [B, 3, H, W] -> ``ln_vision`` output [B, 1 + patches, width], float32."""
+        features = vision_features(self.visual_encoder, image.to(self.device), self.cfg.vit_precision)
+        return self.ln_vision(features.float())
+
+    def tokenize(self, texts: list[str], max_length: Optional[int] = None,
+                 padding: Literal["max_length", "longest"] = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), each [B, T]; T = ``max_length`` (default ``max_txt_len``) when
+        padding to max_length, as LAVIS trains."""
+        tokens = self.tokenizer(list(texts), padding=padding, truncation=True,
+                                max_length=max_length or self.cfg.max_txt_len, return_tensors="pt")
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+
+    def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False):
+        """Queries cross-attending to the image (no text): QFormerOutput with [B, Q, H]."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds, use_cache=use_cache)
+
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text alone, bidirectional: [B, T, H]."""
+        return self.Qformer.bert(input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def multimodal_pass(
+        self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Queries and text attend to each other (queries also to the image): [B, Q + T, H]."""
+        batch = image_embeds.shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)
+        query_mask = torch.ones(batch, self.num_query_token, dtype=text_mask.dtype, device=text_mask.device)
+        return self.Qformer.bert(text_ids, attention_mask=torch.cat([query_mask, text_mask], dim=1),
+                                 query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+
+    def itm_logits(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (no match, match): the ITM head averaged over the multimodal query outputs."""
+        hidden = self.multimodal_pass(image_embeds, text_ids, text_mask)
+        return self.itm_head(hidden[:, : self.num_query_token]).mean(dim=1)
+
+    # ------------------------------------------------------------------------------------- training
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """batch: image [b, 3, H, W], text_input list[str] (b), optional image_id (ints or strings).
+
+        Returns {"loss", "loss_itc", "loss_itm", "loss_lm"}; losses are means over this rank's samples.
+        """
+        image, texts = batch["image"], batch["text_input"]
+        b = image.shape[0]
+        if len(texts) != b:
+            raise ValueError(f"batch has {b} images but {len(texts)} texts in text_input")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if self.cfg.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+
+        image_embeds = self.encode_image(image)  # [b, P, C]
+        query_out = self.query_pass(image_embeds, use_cache=True)
+        image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)  # [b, Q, D]
+        text_ids, text_mask = self.tokenize(texts)  # [b, T]
+        text_feat = F.normalize(self.text_proj(self.text_pass(text_ids, text_mask)[:, 0]), dim=-1)  # [b, D]
+
+        # ITC: local rows with gradients against every rank's features without (LAVIS concat_all_gather)
+        image_feats_all = dist.all_gather_no_grad(image_feats).detach()  # [N, Q, D]
+        text_feat_all = dist.all_gather_no_grad(text_feat).detach()  # [N, D]
+        sim_i2t, sim_t2i = losses.itc_similarities(image_feats, text_feat, image_feats_all, text_feat_all, self.temp)
+        image_ids = image_ids_all = None
+        if batch.get("image_id") is not None:
+            image_ids = losses.image_ids_to_tensor(batch["image_id"], self.device)
+            if image_ids.shape[0] != b:
+                raise ValueError(f"batch has {b} images but {image_ids.shape[0]} image_id values")
+            image_ids_all = dist.all_gather_no_grad(image_ids)
+        positive = losses.positive_mask(b, rank, world_size, image_ids, image_ids_all, self.device)
+        loss_itc = losses.itc_loss(sim_i2t, sim_t2i, positive)
+
+        # ITM: (text, image) positives, (text, hard negative image), (hard negative text, image)
+        text_ids_all = dist.all_gather_no_grad(text_ids)
+        text_mask_all = dist.all_gather_no_grad(text_mask)
+        image_embeds_all = dist.all_gather_with_grad(image_embeds)  # negatives from other ranks keep grads
+        with torch.no_grad():
+            negative_image = self.negative_sampler(sim_t2i, positive)  # [b] global image index per text
+            negative_text = self.negative_sampler(sim_i2t, positive)  # [b] global text index per image
+        itm_logits = self.itm_logits(
+            torch.cat([image_embeds, image_embeds_all[negative_image], image_embeds], dim=0),
+            torch.cat([text_ids, text_ids, text_ids_all[negative_text]], dim=0),
+            torch.cat([text_mask, text_mask, text_mask_all[negative_text]], dim=0),
+        )
+        loss_itm = losses.itm_loss(itm_logits, num_positive=b)
+
+        # ITG: causal text over the cached query keys/values of the image pass
+        decoder_ids, labels = losses.lm_inputs(text_ids, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
+        query_mask = torch.ones(b, self.num_query_token, dtype=text_mask.dtype, device=text_mask.device)
+        lm_out = self.Qformer.bert(decoder_ids, attention_mask=torch.cat([query_mask, text_mask], dim=1),
+                                   past_key_values=query_out.past_key_values, is_decoder=True)
+        loss_lm = losses.lm_loss(self.Qformer.lm_logits(lm_out.last_hidden_state), labels)
+
+        return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}
+
+    # ------------------------------------------------------------------------- retrieval / inference
+    def compute_image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N, 3, H, W] -> (image_embeds [N, P, C] for ``itm_score``, normalised projected query
+        features [N, Q, embed_dim]); ITC similarity to a text = max over Q of the dot products."""
+        image_embeds = self.encode_image(images)
+        image_feats = F.normalize(self.vision_proj(self.query_pass(image_embeds).last_hidden_state), dim=-1)
+        return image_embeds, image_feats
+
+    def compute_text_features(self, texts: list[str], max_length: Optional[int] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """texts (N) -> (input_ids [N, T], attention_mask [N, T], normalised projected [CLS] features
+        [N, embed_dim]); T = ``max_length`` (default ``max_txt_len``; LAVIS retrieval uses 35)."""
+        text_ids, text_mask = self.tokenize(texts, max_length)
+        text_feat = F.normalize(self.text_proj(self.text_pass(text_ids, text_mask)[:, 0]), dim=-1)
+        return text_ids, text_mask, text_feat
+
+    def itm_score(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Match logit [N] of each (image_embeds[i], text i) pair: the ITM head's "match" logit averaged
+        over queries (LAVIS ``compute_itm``; LAVIS retrieval adds the ITC similarity to it)."""
+        return self.itm_logits(image_embeds, text_ids, text_mask)[:, 1]  # the mean commutes with [:, 1]
+
+    @torch.no_grad()
+    def extract_features(self, samples: dict[str, Any],
+                         mode: Literal["image", "text", "multimodal"] = "multimodal") -> Blip2Features:
+        """LAVIS ``extract_features``: "image" -> image_embeds(_proj); "text" -> text_embeds(_proj) (texts
+        padded to the longest); "multimodal" -> multimodal_embeds (queries attending to image and text)."""
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode={mode!r}; choose 'image', 'text' or 'multimodal'")
+        image, texts = samples.get("image"), samples.get("text_input")
+        if mode in ("image", "multimodal") and image is None:
+            raise ValueError(f"mode={mode!r} needs samples['image']")
+        if mode in ("text", "multimodal") and texts is None:
+            raise ValueError(f"mode={mode!r} needs samples['text_input']")
+        features = Blip2Features()
+        if mode == "image":
+            query_out = self.query_pass(self.encode_image(image)).last_hidden_state
+            features.image_embeds = query_out
+            features.image_embeds_proj = F.normalize(self.vision_proj(query_out), dim=-1)
+        elif mode == "text":
+            text_ids, text_mask = self.tokenize(texts, self.Qformer.config.max_position_embeddings, padding="longest")
+            text_out = self.text_pass(text_ids, text_mask)
+            features.text_embeds = text_out
+            features.text_embeds_proj = F.normalize(self.text_proj(text_out), dim=-1)
+        else:
+            image_embeds = self.encode_image(image)
+            text_ids, text_mask = self.tokenize(texts, self.Qformer.config.max_position_embeddings, padding="longest")
+            hidden = self.multimodal_pass(image_embeds, text_ids, text_mask)
+            features.multimodal_embeds = hidden[:, : self.num_query_token]
+        return features
+
+    # ---------------------------------------------------------------------------- checkpoint filter
+    def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py)."""
+        return convert_lavis_blip2(
+            state, lambda visual: vision_checkpoint_filter(self.cfg.vit_model, visual, self.visual_encoder)
+        )
+
+
+# ------------------------------------------------------------------------- variant registrations
+@MODELS.register("blip2_feature_extractor")
+class Blip2FeatureExtractor(Blip2Qformer):
+    """``forward(samples, mode)`` = ``extract_features`` (LAVIS registers this name on Blip2Qformer)."""
+
+    def forward(self, samples: dict[str, Any], mode: Literal["image", "text", "multimodal"] = "multimodal"
+                ) -> Blip2Features:  # type: ignore[override]
+        return self.extract_features(samples, mode)
+
+
+@MODELS.register("blip2_image_text_matching")
+class Blip2ImageTextMatching(Blip2Qformer):
+    """LAVIS Blip2ITM: score image/text pairs with the ITM head or by ITC similarity."""
+
+    def forward(self, samples: dict[str, Any], match_head: Literal["itm", "itc"] = "itm"
+                ) -> torch.Tensor:  # type: ignore[override]
+        """samples: image [B, 3, H, W], text_input list[str] (B) -> "itm": logits [B, 2] (no match,
+        match); "itc": cosine similarity [B] of each pair (max over queries)."""
+        if match_head not in ("itm", "itc"):
+            raise ValueError(f"match_head={match_head!r}; choose 'itm' or 'itc'")
+        image_embeds = self.encode_image(samples["image"])
+        text_ids, text_mask = self.tokenize(samples["text_input"], padding="longest")
+        if match_head == "itm":
+            return self.itm_logits(image_embeds, text_ids, text_mask)
+        image_feats = F.normalize(self.vision_proj(self.query_pass(image_embeds).last_hidden_state), dim=-1)
+        text_feat = F.normalize(self.text_proj(self.text_pass(text_ids, text_mask)[:, 0]), dim=-1)
+        return torch.einsum("bqd,bd->bq", image_feats, text_feat).amax(dim=1)
