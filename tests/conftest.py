@@ -1,6 +1,8 @@
 """Fixtures shared by all tests: a small shapes data set (generated once per session)."""
 from __future__ import annotations
 
+pytest_plugins = ["tests.fixtures.llm_checkpoints"]  # tiny LLM checkpoints in official formats
+
 import dataclasses
 import shutil
 from pathlib import Path
