@@ -21,6 +21,7 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "webdataset>=0.2.100",
+        "braceexpand>=0.1.7",  # shard patterns like {00000..00099}.tar
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],

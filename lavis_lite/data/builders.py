@@ -5,15 +5,20 @@ split gets the training data set class and the ``train`` processors; every other
 evaluation class and the ``eval`` processors. Defaults per data set live in
 ``configs/datasets/<name>.yaml`` (merged by the config loader); everything else in ``DatasetConfig``.
 
-Every path is checked when building, and a missing one names the config key to set. The shapes
-builders first generate their data (rank 0, behind a barrier) if it is not there yet.
+Every path is checked when building, and a missing one names the config key to set. A split
+set to null (``build_info.annotations.<split>=null``) is left out, e.g. to evaluate without
+downloading the training files. The shapes builders first generate their data (rank 0, behind a
+barrier) if it is not there yet. ``laion_wds`` / ``image_text_wds`` build a training-only
+``ImageTextShards`` (lavis_lite/data/webdataset.py) from local webdataset tar shards.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from torch.utils.data import Dataset
 
@@ -23,12 +28,14 @@ from lavis_lite.data.datasets import (
     CaptionDataset,
     CaptionEvalDataset,
     ImageDataset,
+    NoCapsEvalDataset,
     RetrievalEvalDataset,
     VQADataset,
     VQAEvalDataset,
 )
 from lavis_lite.data.processors import build_processor
 from lavis_lite.data.shapes import ShapesSpec, ensure_shapes
+from lavis_lite.data.webdataset import ImageTextShards, expand_shards
 from lavis_lite.registry import DATASETS
 
 logger = logging.getLogger(__name__)
@@ -39,12 +46,14 @@ class BuildInfo:
     """Where the files are. Every path but ``storage`` is relative to ``storage``."""
 
     storage: str = ""  # the data set's root folder (required)
-    images: str = ""  # image folder; the annotations' "image" paths are relative to it
-    # split -> LAVIS-format json file, or a list of files to concatenate
+    images: str = ""  # image folder (or an absolute path); the annotations' "image" paths are relative to it
+    # split -> LAVIS-format json file, or a list of files to concatenate; null leaves the split out
     annotations: dict[str, Any] = dataclasses.field(default_factory=dict)
-    caption_gt: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> COCO-format ground truth
-    vqa_questions: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> VQAv2 questions file
-    vqa_annotations: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> VQAv2 annotations file
+    # split -> COCO-format ground truth (null: none)
+    caption_gt: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
+    # split -> VQAv2-format questions / annotations file for the metric (null: none)
+    vqa_questions: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
+    vqa_annotations: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -96,15 +105,16 @@ class DatasetBuilder:
             raise ConfigError(f"{self.key}.build_info.images: no image folder at {image_root}; set "
                               f"{self.key}.build_info.storage (now {storage}) or .images (now {info.images!r})"
                               f"{self.missing_hint(storage)}")
-        if not info.annotations:
+        annotations = {split: paths for split, paths in info.annotations.items() if paths is not None}
+        if not annotations:
             raise ConfigError(f"{self.key}.build_info.annotations is empty; map each split to its json file")
         processors = {
             stage: (self._processor("vis_processor", stage), self._processor("text_processor", stage))
-            for stage in {"train" if split == "train" else "eval" for split in info.annotations}
+            for stage in {"train" if split == "train" else "eval" for split in annotations}
         }
         common = dict(name=self.name, skip_bad_images=self.cfg.skip_bad_images, sample_ratio=self.cfg.sample_ratio)
         splits: dict[str, Dataset] = {}
-        for split, paths in info.annotations.items():
+        for split, paths in annotations.items():
             files = self._files(storage, paths, f"annotations.{split}")
             vis, text = processors["train" if split == "train" else "eval"]
             if split == "train":
@@ -118,8 +128,9 @@ class DatasetBuilder:
         """Ground-truth file arguments of ``eval_class`` for ``split``."""
         return {}
 
-    def _optional_file(self, storage: Path, table: dict[str, str], field: str, split: str) -> Path | None:
-        return self._files(storage, table[split], f"{field}.{split}")[0] if split in table else None
+    def _optional_file(self, storage: Path, table: dict[str, str | None], field: str, split: str) -> Path | None:
+        value = table.get(split)
+        return None if value is None else self._files(storage, value, f"{field}.{split}")[0]
 
     def _files(self, storage: Path, value: Any, field: str) -> list[Path]:
         """``build_info.<field>`` as existing absolute paths (a string or a list of strings)."""
@@ -185,9 +196,126 @@ class ShapesMixin:
         return f" (shapes data: delete {storage} and it is generated again)"
 
 
+class NoCapsBuilder(CaptionBuilder):
+    eval_class = NoCapsEvalDataset
+
+
+class GQABuilder(VQABuilder):
+    """GQA in LAVIS's list format (tools/convert_gqa.py). ``run.metric=gqa`` reads an eval split's
+    answers from ``build_info.vqa_annotations.<split>``: a json list of {"question_id", "answer"},
+    normally the split's own annotation file. Checked here, so a wrong file fails before inference."""
+
+    def build(self) -> dict[str, Dataset]:
+        splits = super().build()
+        for split, data in splits.items():
+            path = getattr(data, "annotation_path", None)
+            if path is None:
+                continue
+            where = f"{self.key}.build_info.vqa_annotations.{split}"
+            answers = _gqa_answers(path, where)
+            missing = [r["question_id"] for r in data.annotation if r["question_id"] not in answers]
+            if missing:
+                raise ConfigError(f"{where}: {path} has no answer for {len(missing)} of the {len(data)} questions of "
+                                  f"split {split!r} (e.g. question_id {missing[0]!r}); point it at this split's "
+                                  f"LAVIS-format json (the file of {self.key}.build_info.annotations.{split})")
+        return splits
+
+
+def _gqa_answers(path: Path, where: str) -> set[Any]:
+    """Question ids with an answer in a LAVIS-format GQA list."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: cannot read {path} ({err})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{where}: {path} holds a {type(data).__name__}, not a list of {{question_id, answer}} "
+                          "(the official GQA dict? convert it with tools/convert_gqa.py)")
+    return {r["question_id"] for r in data if isinstance(r, dict) and "question_id" in r and "answer" in r}
+
+
+# ------------------------------------------------------------------------------------ webdataset
+@dataclasses.dataclass
+class ShardsBuildInfo:
+    """Where the shards are."""
+
+    # shard path pattern(s), brace-expanded, e.g. /data/laion/{00000..00099}.tar (LAVIS's key); local files
+    storage: Any = ""
+
+
+@dataclasses.dataclass
+class ShardsDatasetConfig:
+    """The keys under ``datasets.<name>`` for webdataset shards (training only)."""
+
+    build_info: ShardsBuildInfo = dataclasses.field(default_factory=ShardsBuildInfo)
+    vis_processor: dict[str, Any] = dataclasses.field(default_factory=lambda: {"train": {"name": "blip_image_train"}})
+    text_processor: dict[str, Any] = dataclasses.field(default_factory=lambda: {"train": {"name": "blip_caption"}})
+    # samples in all shards; 0: sum the "successes" of the img2dataset-style <shard>_stats.json files
+    num_samples: int = 0
+    shuffle_buffer: int = 1000  # samples per loader worker
+    shuffle_shards: bool = True
+    seed: int = 0  # with the epoch, seeds the shard order and the shuffle buffers
+    sample_ratio: float = 1.0
+    skip_bad_images: bool = False
+
+
+class ShardsBuilder(DatasetBuilder):
+    """Builds ``{"train": ImageTextShards}`` from local tar shards, checking that every one exists."""
+
+    config_class = ShardsDatasetConfig
+    cfg: ShardsDatasetConfig
+
+    def build(self) -> dict[str, Dataset]:
+        where = f"{self.key}.build_info.storage"
+        pattern = self.cfg.build_info.storage
+        if isinstance(pattern, (list, tuple)) and pattern and all(isinstance(p, str) for p in pattern):
+            pattern = list(pattern)
+        elif not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{where}={pattern!r}; set it to the shard path pattern, e.g. "
+                              "/data/laion/{00000..00099}.tar (or a list of patterns)")
+        shards = expand_shards(pattern)
+        remote = [s for s in shards if re.match(r"^[a-z][a-z0-9+]*:", s)]
+        if remote:
+            raise ConfigError(f"{where}: {remote[0]} is not a local path; only local shard files are supported "
+                              "(mount or download them first)")
+        paths = [Path(s).expanduser() for s in shards]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"{where}: {len(missing)} of {len(paths)} shard file(s) missing, e.g. {missing[0]}; "
+                              f"set {where} (now {pattern!r}) to the pattern of existing shards")
+        num_samples = self.cfg.num_samples or self._count_from_stats(paths)
+        splits = {"train": ImageTextShards(
+            paths, self._processor("vis_processor", "train"), self._processor("text_processor", "train"),
+            num_samples=num_samples, name=self.name, skip_bad_images=self.cfg.skip_bad_images,
+            sample_ratio=self.cfg.sample_ratio, shuffle_buffer=self.cfg.shuffle_buffer,
+            shuffle_shards=self.cfg.shuffle_shards, seed=self.cfg.seed,
+        )}
+        logger.info("%s/train: %d shards, %d samples (nominal)", self.name, len(paths), num_samples)
+        return splits
+
+    def _count_from_stats(self, shards: list[Path]) -> int:
+        """Sum of ``successes`` in each shard's ``<stem>_stats.json`` (written by img2dataset and
+        tools/make_wds_shards.py)."""
+        total = 0
+        for shard in shards:
+            stats = shard.with_name(f"{shard.stem}_stats.json")
+            try:
+                total += int(json.loads(stats.read_text())["successes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"{self.key}.num_samples is not set and {stats} is missing or has no "
+                                  f"\"successes\"; set {self.key}.num_samples to the number of samples in the "
+                                  "shards") from None
+        return total
+
+
 DATASETS.register("coco_caption")(CaptionBuilder)
 DATASETS.register("coco_retrieval")(RetrievalBuilder)
 DATASETS.register("coco_vqa")(VQABuilder)
+DATASETS.register("vg_caption")(CaptionBuilder)
+DATASETS.register("ok_vqa")(VQABuilder)
+DATASETS.register("gqa")(GQABuilder)
+DATASETS.register("nocaps")(NoCapsBuilder)
+DATASETS.register("laion_wds")(ShardsBuilder)
+DATASETS.register("image_text_wds")(ShardsBuilder)
 
 
 @DATASETS.register("shapes_caption")

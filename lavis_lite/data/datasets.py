@@ -214,6 +214,19 @@ class CaptionEvalDataset(ImageDataset):
         }
 
 
+class NoCapsEvalDataset(CaptionEvalDataset):
+    """NoCaps evaluation (LAVIS's ``nocaps_{val,test}.json``: "image" and the integer "img_id" of the
+    official COCO-format ground truth; Open Images file names carry no usable id).
+
+    Sample: as ``CaptionEvalDataset``, with ``image_id`` = the record's ``img_id``.
+    """
+
+    required = {"image": str, "img_id": (int, str)}
+
+    def prepare(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**record, "image_id": record["img_id"]} for record in records]
+
+
 class RetrievalEvalDataset(ImageDataset):
     """Image-text retrieval evaluation (Karpathy val/test format), as LAVIS's retrieval eval set.
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 
 from lavis_lite import dist
 from lavis_lite.config import ConfigError, RunConfig, Sources, merge_onto, split_run_config, to_yaml
@@ -136,9 +136,13 @@ class Runner:
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Endless batches continuing from (data_epoch, data_position); reseeded every pass."""
-        sampler = self.train_loader.sampler
+        data, batch_size = self.train_loader.dataset, self.cfg.batch_size_train
         while True:
-            sampler.set_epoch(self.data_epoch, skip=self.data_position * self.cfg.batch_size_train)
+            skip = self.data_position * batch_size
+            if isinstance(data, IterableDataset):  # webdataset shards: the data set itself is the sampler
+                data.set_epoch(self.data_epoch, skip=skip, batch_size=batch_size)
+            else:
+                self.train_loader.sampler.set_epoch(self.data_epoch, skip=skip)
             if self.loader_generator is not None:  # seeds the workers' augmentations
                 self.loader_generator.manual_seed(self.cfg.seed * 7919 + self.data_epoch * 104_729 + dist.get_rank())
             for batch in self.train_loader:
@@ -304,14 +308,18 @@ def build_train_loader(datasets: dict[str, dict[str, Dataset]], cfg: RunConfig) 
     if not parts:
         raise KeyError(f"run.train_splits={list(cfg.train_splits)}: no configured data set has these splits "
                        f"(have {[f'{n}/{s}' for n, sp in datasets.items() for s in sp]})")
+    loader_args = dict(batch_size=cfg.batch_size_train, num_workers=cfg.num_workers, collate_fn=_collater(parts[0]),
+                       drop_last=True, pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                       persistent_workers=False)  # workers must see each epoch's set_epoch
+    if any(isinstance(p, IterableDataset) for p in parts):
+        if len(parts) > 1:
+            raise ConfigError("webdataset shards cannot be mixed with other training data sets yet; "
+                              "train on the shards alone or convert the others to shards")
+        return DataLoader(parts[0], **loader_args)
     data = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     sampler = TrainSampler(len(data), dist.get_rank(), dist.get_world_size(), cfg.seed,
                            mixing_weights([len(p) for p in parts], ratios))
-    return DataLoader(
-        data, batch_size=cfg.batch_size_train, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=_collater(parts[0]), drop_last=True, pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator(), persistent_workers=False,
-    )
+    return DataLoader(data, sampler=sampler, **loader_args)
 
 
 def build_eval_loaders(datasets: dict[str, dict[str, Dataset]], splits: list[str], cfg: RunConfig) -> dict[str, DataLoader]:

@@ -141,3 +141,30 @@ def test_skipped_bad_images_are_reported_at_epoch_end(tmp_path, caplog):
     reports = [r.getMessage() for r in caplog.records if "unreadable images" in r.getMessage()]
     assert reports == ["epoch 0: skipped 3 unreadable images (see the warnings above for their paths)",
                        "epoch 1: skipped 3 unreadable images (see the warnings above for their paths)"]
+
+
+def test_resume_on_webdataset_shards(tmp_path):
+    """Shards (an IterableDataset) resume mid-pass at the same sample, like map-style data."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from lavis_lite.data.webdataset import ImageTextShards, expand_shards
+    from tests.data.test_webdataset import write_shards
+
+    pattern = write_shards(tmp_path / "shards", shards=4, per_shard=6)
+
+    def shards():
+        to_image = lambda image: pil_to_tensor(image.resize((32, 32))).float() / 255
+        return ImageTextShards(expand_shards(pattern), to_image, str.lower, num_samples=24, shuffle_buffer=4)
+
+    options = dict(max_epoch=2, batch_size_train=4, save_every_n_steps=4, num_workers=2)
+    full = make_runner(tmp_path / "full", shards(), **options)
+    full.train()
+    part = make_runner(tmp_path / "part", shards(), **options)
+    part.hooks.append(StopAt(8))
+    with pytest.raises(KeyboardInterrupt):
+        part.train()
+    resumed = make_runner(tmp_path / "part", shards(), model_seed=5,
+                          resume_ckpt_path=str(tmp_path / "part" / "checkpoint_8.pth"), **options)
+    resumed.train()
+    assert full.iteration == resumed.iteration == 12
+    assert_same(params(resumed), params(full))
