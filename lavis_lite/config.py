@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
@@ -24,6 +25,16 @@ CONFIG_ROOT = next(
 )
 
 T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """Where generated data and small models live: ``$LAVIS_LITE_CACHE``, else ``~/.cache/lavis_lite``."""
+    cache = os.environ.get("LAVIS_LITE_CACHE")
+    return Path(cache) if cache else Path.home() / ".cache" / "lavis_lite"
+
+
+# YAML says ``${lavis_cache:}/...``; resolved on access, so the variable is read at run time.
+OmegaConf.register_resolver("lavis_cache", lambda: str(cache_dir()), replace=True)
 
 
 class ConfigError(ValueError):

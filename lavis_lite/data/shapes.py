@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import string
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
+
+from lavis_lite.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ class Scene:
 
 def default_shapes_root() -> Path:
     """``$LAVIS_LITE_CACHE/shapes``, else ``~/.cache/lavis_lite/shapes``."""
-    cache = os.environ.get("LAVIS_LITE_CACHE")
-    return (Path(cache) if cache else Path.home() / ".cache" / "lavis_lite") / "shapes"
+    return cache_dir() / "shapes"
 
 
 def _shapes_root_resolver() -> str:

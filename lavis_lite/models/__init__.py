@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_lite.config import available_model_types, load_yaml, model_config_path
+from lavis_lite.models import blip2_llm  # noqa: F401  (registers blip2_opt, blip2_internlm, blip2_qwen2, blip2_llm)
 from lavis_lite.models import blip2_qformer  # noqa: F401  (registers blip2, blip2_feature_extractor, ...)
 from lavis_lite.models import bow_tagger  # noqa: F401  (registers bow_tagger)
 from lavis_lite.models.base import BaseModel

@@ -63,15 +63,21 @@ class BaseModel(nn.Module):
         ``ignore_missing_prefixes`` raises.
         """
         state = self.convert_state_dict(load_state_dict_file(path))
-        self.load_state_dict_checked(state, source=str(path), strict=strict)
+        self.load_state_dict_checked(state, source=str(path), strict=strict, allow_missing=self.allow_missing(state))
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint's keys onto ours; identity by default."""
         return state
 
-    def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+        """Key prefixes this particular (converted) checkpoint may lack, beyond ``ignore_missing_prefixes``."""
+        return ()
+
+    def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str, strict: bool = True,
+                                allow_missing: tuple[str, ...] = ()) -> None:
         result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(self.ignore_missing_prefixes)]
+        allowed = self.ignore_missing_prefixes + allow_missing
+        missing = [k for k in result.missing_keys if not k.startswith(allowed)]
         unexpected = list(result.unexpected_keys)
         if missing or unexpected:
             msg = (f"{source}: {len(missing)} missing keys {missing[:10]}, "

@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------- config
 @dataclasses.dataclass
-class Blip2QformerConfig:
+class Blip2VisionConfig:
+    """What every BLIP-2 model shares: the frozen image encoder and the Q-Former."""
+
     arch: str = "blip2"
     model_type: str = "pretrain"
     # image encoder (vision.py)
@@ -66,12 +68,16 @@ class Blip2QformerConfig:
     vit_pretrained: Optional[str] = None  # LAVIS eva_vit_g.pth / clip_vit_L.pth (or a timm state dict)
     # Q-Former (qformer.py); encoder_width comes from the image encoder, vocab_size must match the tokenizer
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    pretrained: Optional[str] = None  # full checkpoint (LAVIS or ours), loaded by BaseModel.from_config
+
+
+@dataclasses.dataclass
+class Blip2QformerConfig(Blip2VisionConfig):
     bert_init_path: Optional[str] = None  # local HF bert-base-uncased dir; None: random init
     tokenizer_path: str = "bert-base-uncased"  # local dir with vocab.txt; relative: from cwd, then repo root
     embed_dim: int = 256  # ITC projection width
     max_txt_len: int = 32
     clamp_temp: bool = True
-    pretrained: Optional[str] = None  # full checkpoint (LAVIS or ours), loaded by BaseModel.from_config
 
 
 @dataclasses.dataclass
@@ -102,26 +108,16 @@ def build_tokenizer(tokenizer_path: str) -> BertTokenizer:
 
 
 # ---------------------------------------------------------------------------------------- model
-@MODELS.register("blip2")
-class Blip2Qformer(BaseModel):
-    """Image encoder -> ``ln_vision`` -> Q-Former with ``query_tokens``; ITC/ITM/ITG heads.
+class Blip2Base(BaseModel):
+    """Image encoder -> ``ln_vision`` -> Q-Former with ``query_tokens``: the part every BLIP-2 shares."""
 
-    Parameter names are LAVIS's: ``visual_encoder.*``, ``ln_vision``, ``Qformer.*``, ``query_tokens``,
-    ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``.
-    """
-
-    config_class = Blip2QformerConfig
-    # LAVIS stage-1 checkpoints hold no image-encoder weights (it is frozen; LAVIS saves trainable ones)
+    # LAVIS checkpoints hold no image-encoder weights (it is frozen; LAVIS saves trainable ones)
     ignore_missing_prefixes = ("visual_encoder.",)
 
-    def __init__(self, cfg: Blip2QformerConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.tokenizer_path)
-
-        self.visual_encoder = create_vision_encoder(
-            cfg.vit_model, cfg.img_size, cfg.drop_path_rate, cfg.vit_use_checkpoint
-        )
+    def init_vision_and_qformer(self, cfg: Blip2VisionConfig, vocab_size: Optional[int]) -> int:
+        """Build ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens``; return the Q-Former width.
+        ``vocab_size``: the tokenizer's size, or None for a queries-only Q-Former (stage 2)."""
+        self.visual_encoder = create_vision_encoder(cfg.vit_model, cfg.img_size, cfg.drop_path_rate, cfg.vit_use_checkpoint)
         if cfg.vit_pretrained:
             load_vision_weights(self.visual_encoder, cfg.vit_model, cfg.vit_pretrained)
         elif cfg.vit_model != "tiny":
@@ -135,32 +131,25 @@ class Blip2Qformer(BaseModel):
                 param.requires_grad_(False)
             self.visual_encoder.eval()
 
-        qcfg = dataclasses.replace(cfg.qformer)
+        qcfg = dataclasses.replace(cfg.qformer, text_branch=vocab_size is not None)
         if qcfg.encoder_width is None:
             qcfg.encoder_width = width
         elif qcfg.encoder_width != width:
             raise ValueError(f"model.qformer.encoder_width={qcfg.encoder_width} but {cfg.vit_model} features are "
                              f"{width} wide; remove model.qformer.encoder_width (it is taken from the encoder)")
-        if qcfg.vocab_size is None:
-            qcfg.vocab_size = len(self.tokenizer)
-        elif qcfg.vocab_size != len(self.tokenizer):
-            raise ValueError(f"tokenizer at {cfg.tokenizer_path} has {len(self.tokenizer)} tokens with [DEC] but "
-                             f"model.qformer.vocab_size={qcfg.vocab_size}; set model.qformer.vocab_size="
-                             f"{len(self.tokenizer)} (or null to follow the tokenizer)")
+        if vocab_size is not None:
+            if qcfg.vocab_size is None:
+                qcfg.vocab_size = vocab_size
+            elif qcfg.vocab_size != vocab_size:
+                raise ValueError(f"tokenizer at {cfg.tokenizer_path} has {vocab_size} tokens with [DEC] but "
+                                 f"model.qformer.vocab_size={qcfg.vocab_size}; set model.qformer.vocab_size="
+                                 f"{vocab_size} (or null to follow the tokenizer)")
         self.Qformer = QFormer(qcfg)
-        if cfg.bert_init_path:
-            init_from_bert(self.Qformer, cfg.bert_init_path)
-        hidden = qcfg.hidden_size
-        self.query_tokens = nn.Parameter(torch.zeros(1, qcfg.num_query_token, hidden))
+        self.query_tokens = nn.Parameter(torch.zeros(1, qcfg.num_query_token, qcfg.hidden_size))
         nn.init.normal_(self.query_tokens, std=qcfg.initializer_range)
-        self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
-        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
-        self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
-        # (sim [b, N], positive [b, N]) -> negative column per row [b]; swap for deterministic runs
-        self.negative_sampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = losses.sample_hard_negatives
+        return qcfg.hidden_size
 
-    def train(self, mode: bool = True) -> "Blip2Qformer":
+    def train(self, mode: bool = True) -> "Blip2Base":
         super().train(mode)
         if self.cfg.freeze_vit:
             self.visual_encoder.eval()  # LAVIS's disabled_train
@@ -169,7 +158,6 @@ class Blip2Qformer(BaseModel):
     def no_decay_names(self) -> set[str]:
         return {"query_tokens"}
 
-    # -------------------------------------------------------------------------------- building blocks
     @property
     def num_query_token(self) -> int:
         return self.query_tokens.shape[1]
@@ -179,6 +167,37 @@ class Blip2Qformer(BaseModel):
         features = vision_features(self.visual_encoder, image.to(self.device), self.cfg.vit_precision)
         return self.ln_vision(features.float())
 
+    def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False):
+        """Queries cross-attending to the image (no text): QFormerOutput with [B, Q, H]."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds, use_cache=use_cache)
+
+
+@MODELS.register("blip2")
+class Blip2Qformer(Blip2Base):
+    """Image encoder -> ``ln_vision`` -> Q-Former with ``query_tokens``; ITC/ITM/ITG heads.
+
+    Parameter names are LAVIS's: ``visual_encoder.*``, ``ln_vision``, ``Qformer.*``, ``query_tokens``,
+    ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``.
+    """
+
+    config_class = Blip2QformerConfig
+
+    def __init__(self, cfg: Blip2QformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.tokenizer_path)
+        hidden = self.init_vision_and_qformer(cfg, vocab_size=len(self.tokenizer))
+        if cfg.bert_init_path:
+            init_from_bert(self.Qformer, cfg.bert_init_path)
+        self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        # (sim [b, N], positive [b, N]) -> negative column per row [b]; swap for deterministic runs
+        self.negative_sampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = losses.sample_hard_negatives
+
+    # -------------------------------------------------------------------------------- building blocks
     def tokenize(self, texts: list[str], max_length: Optional[int] = None,
                  padding: Literal["max_length", "longest"] = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), each [B, T]; T = ``max_length`` (default ``max_txt_len``) when
@@ -186,11 +205,6 @@ class Blip2Qformer(BaseModel):
         tokens = self.tokenizer(list(texts), padding=padding, truncation=True,
                                 max_length=max_length or self.cfg.max_txt_len, return_tensors="pt")
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-
-    def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False):
-        """Queries cross-attending to the image (no text): QFormerOutput with [B, Q, H]."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds, use_cache=use_cache)
 
     def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone, bidirectional: [B, T, H]."""
