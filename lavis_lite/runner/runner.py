@@ -24,7 +24,7 @@ from lavis_lite.config import ConfigError, RunConfig, Sources, merge_onto, split
 from lavis_lite.data.builders import build_datasets  # also registers the ${shapes_root:} resolver
 from lavis_lite.data.samplers import EvalSampler, TrainSampler, mixing_weights
 from lavis_lite.logging import setup_logging
-from lavis_lite.registry import LR_SCHEDULERS, MODELS, RUNNERS, TASKS
+from lavis_lite.registry import DATASETS, LR_SCHEDULERS, MODELS, RUNNERS, TASKS
 from lavis_lite.runner import checkpoint
 from lavis_lite.runner.hooks import Hook, JsonLogHook
 from lavis_lite.runner.optim import OptimWrapper, build_adamw
@@ -238,11 +238,8 @@ class Runner:
     @classmethod
     def from_config(cls, cfg: DictConfig, sources: Sources | None = None) -> "Runner":
         """Validate every section, then build data, model, optimizer and loaders."""
-        task_cls = TASKS.get(OmegaConf.select(cfg, "run.task", default=RunConfig.task))
-        run_cfg, task_cfg = split_run_config(cfg.run, task_cls.config_class, sources)
-        _check_run_config(run_cfg)
-        model_cls = MODELS.get(cfg.model.arch)
-        merge_onto(model_cls.config_class, cfg.model, "model", sources)  # fail on a typo before heavy work
+        run_cfg, task_cfg = validate(cfg, sources)
+        task_cls, model_cls = TASKS.get(run_cfg.task), MODELS.get(cfg.model.arch)
 
         device = dist.init_distributed(run_cfg.dist_timeout_minutes, run_cfg.device)
         seed_everything(run_cfg.seed + dist.get_rank())
@@ -279,6 +276,17 @@ class Runner:
         eval_loaders = build_eval_loaders(datasets, eval_splits, run_cfg)
         return cls(model, task_cls(task_cfg), run_cfg, optim, train_loader, eval_loaders,
                    device=device, config_yaml=config_yaml)
+
+
+def validate(cfg: DictConfig, sources: Sources | None = None) -> tuple[RunConfig, Any]:
+    """Check every section against its dataclass before any heavy work; return (run, task) configs."""
+    task_cls = TASKS.get(OmegaConf.select(cfg, "run.task", default=RunConfig.task))
+    run_cfg, task_cfg = split_run_config(cfg.run, task_cls.config_class, sources)
+    _check_run_config(run_cfg)
+    merge_onto(MODELS.get(cfg.model.arch).config_class, cfg.model, "model", sources)
+    for name, node in cfg.datasets.items():
+        merge_onto(DATASETS.get(name).config_class, node, f"datasets.{name}", sources)
+    return run_cfg, task_cfg
 
 
 def _check_run_config(cfg: RunConfig) -> None:
