@@ -5,6 +5,7 @@ Runs unchanged as one process or under ``torchrun --nproc_per_node=N`` (multi-no
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from lavis_lite import dist
@@ -15,6 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="lavis_lite train / evaluate")
     parser.add_argument("--cfg-path", required=True, help="project yaml")
     parser.add_argument("--options", nargs="+", default=[], help="overrides, e.g. run.init_lr=1e-4")
+    parser.add_argument("--imports", nargs="+", default=[], help="modules that register models, backbones, ...")
     return parser.parse_args(argv)
 
 
@@ -25,6 +27,8 @@ def build_runner(argv: list[str] | None, evaluate: bool):
     from lavis_lite.registry import RUNNERS
 
     args = parse_args(argv)
+    for module in args.imports:
+        importlib.import_module(module)
     options = list(args.options) + (["run.evaluate=true"] if evaluate else [])
     cfg, sources = load_config(args.cfg_path, options)
     runner_name = cfg.run.get("runner", "runner_base")

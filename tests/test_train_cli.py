@@ -58,3 +58,41 @@ def test_cli_reports_config_errors_with_key(project, tmp_path):
     result = train(project, tmp_path / "bad", ["run.init_lrr=0.1"], check=False)
     assert result.returncode != 0
     assert "run.init_lrr (set in --options)" in result.stderr
+
+
+BACKBONE_MODULE = '''
+from lavis_lite.models.llm.base import LLMBackbone
+from lavis_lite.registry import LLMS
+
+
+@LLMS.register("my_qwen")
+class MyQwen(LLMBackbone):
+    """Not shipped: registered by the user's own module."""
+    end_of_answer = "."
+    default_dtype = "float32"
+'''
+
+
+def test_user_registered_backbone_trains_through_the_cli(tmp_path, tiny_qwen2_dir):
+    (tmp_path / "my_backbones.py").write_text(BACKBONE_MODULE)
+    tiny = yaml.safe_load((ROOT / "configs/models/blip2_internlm/tiny.yaml").read_text())
+    tiny.pop("preprocess")
+    model = {**tiny, "arch": "blip2_llm", "llm": "my_qwen", "llm_path": str(tiny_qwen2_dir)}
+    project = {
+        "model": model,
+        "datasets": {"shapes_caption": {
+            "generator": {"train": 8, "val": 2, "test": 2},
+            "vis_processor": {"train": {"name": "blip_image_eval", "image_size": 64}}}},
+        "run": {"task": "image_text_pretrain", "runner": "runner_iter", "max_iters": 2, "iters_per_inner_epoch": 2,
+                "batch_size_train": 4, "progress_bar": False, "log_freq": 1, "output_dir": str(tmp_path / "out")},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(project))
+    env = {**os.environ, "LAVIS_LITE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "lavis_lite.train", "--imports", "my_backbones",
+                             "--cfg-path", str(tmp_path / "p.yaml")], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "out" / "checkpoint_2.pth", weights_only=True)["model"]
+    assert "llm_proj.weight" in state and not any(k.startswith("llm_model.") for k in state)
+    assert (tmp_path / "out" / "log.jsonl").read_text().count("train_loss") == 2
