@@ -85,6 +85,8 @@ class RunConfig:
     resume_ckpt_path: Optional[str] = None
     dist_timeout_minutes: float = 30.0
     progress_bar: bool = True
+    sample_captions_every: int = 0  # > 0: caption a few val images every this many iterations (stage 2)
+    sample_captions_count: int = 4
 
 
 def merge_onto(schema: type[T], node: Any, where: str, sources: "Sources | None" = None) -> T:

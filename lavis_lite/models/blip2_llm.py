@@ -78,6 +78,7 @@ class Blip2LLM(Blip2Base):
         dtype = dtype_from_name(cfg.llm_dtype or self.backbone.default_dtype)
         self.tokenizer = self.backbone.load_tokenizer(cfg.llm_path)
         self.llm_model = self.backbone.load_model(cfg.llm_path, dtype)
+        self.llm_model.generation_config = GenerationConfig()
         self.llm_model.requires_grad_(False)
         if cfg.lora_r > 0:
             self._add_lora(cfg)
@@ -109,10 +110,11 @@ class Blip2LLM(Blip2Base):
         return self.llm_proj(queries).to(self.llm_model.dtype)
 
     def build_inputs(self, queries: torch.Tensor, prompts: list[str], answers: Optional[list[str]] = None,
-                     padding_side: Literal["left", "right"] = "right"):
+                     padding_side: Literal["left", "right"] = "right", truncate: bool = True):
         """(inputs_embeds [B, L, H], attention_mask [B, L], labels [B, L]) for
         ``[bos] + queries + prompt + answer + stop`` (or ``queries + [bos] + ...`` when the backbone
-        says so). Labels are -100 everywhere but the answer tokens and the stop token."""
+        says so). Labels are -100 everywhere but the answer tokens and the stop token. With ``truncate``
+        an answer is cut (keeping its stop token) so that prompt + answer fit ``max_txt_len``."""
         embed = self.llm_model.get_input_embeddings()
         bos = [] if self.bos_id is None else [self.bos_id]
         before, after_bos = (bos, []) if self.backbone.bos_before_queries else ([], bos)
@@ -121,7 +123,7 @@ class Blip2LLM(Blip2Base):
             prompt_ids = after_bos + (self.backbone.encode(self.tokenizer, prompt) if prompt else [])
             answer_ids = self.backbone.encode_answer(self.tokenizer, answers[i]) if answers is not None else []
             room = max(self.cfg.max_txt_len - len(prompt_ids), 1)
-            if len(answer_ids) > room:  # keep the stop token: the model must still learn to end
+            if truncate and len(answer_ids) > room:  # keep the stop token: the model must still learn to end
                 answer_ids = answer_ids[: room - 1] + [self.stop_id]
             ids = torch.tensor(before + prompt_ids + answer_ids, dtype=torch.long, device=queries.device)
             tokens = embed(ids)
@@ -214,7 +216,8 @@ class Blip2LLM(Blip2Base):
         for i, prompt in enumerate(prompts):
             top = first_logp[i, first_ids].topk(k).indices.tolist()
             candidates = [answer_list[j] for j in top]
-            seq, seq_mask, labels = self.build_inputs(queries[i : i + 1].expand(k, -1, -1), [prompt] * k, candidates)
+            seq, seq_mask, labels = self.build_inputs(queries[i : i + 1].expand(k, -1, -1), [prompt] * k, candidates,
+                                                      truncate=False)
             logits = self.llm_model(inputs_embeds=seq, attention_mask=seq_mask).logits.float()
             logp = logits[:, :-1].log_softmax(-1)
             targets = labels[:, 1:]
@@ -224,9 +227,10 @@ class Blip2LLM(Blip2Base):
 
     # ---------------------------------------------------------------------- checkpoint filter
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A stage-1 checkpoint (ours or LAVIS's) or a LAVIS stage-2 one (``opt_proj`` -> ``llm_proj``)."""
+        """A stage-1 checkpoint (ours or LAVIS's) or a LAVIS stage-2 one (``opt_proj`` -> ``llm_proj``);
+        ``visual_encoder.*`` goes through the image encoder's filter, as in stage 1."""
         out = {}
-        for key, value in state.items():
+        for key, value in super().convert_state_dict(state).items():
             if STAGE1_ONLY_KEYS.match(key):
                 continue
             out[key.replace("opt_proj.", "llm_proj.", 1) if key.startswith("opt_proj.") else key] = value

@@ -172,6 +172,12 @@ class Blip2Base(BaseModel):
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds, use_cache=use_cache)
 
+    def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py)."""
+        return convert_lavis_blip2(
+            state, lambda visual: vision_checkpoint_filter(self.cfg.vit_model, visual, self.visual_encoder)
+        )
+
 
 @MODELS.register("blip2")
 class Blip2Qformer(Blip2Base):
@@ -333,12 +339,6 @@ class Blip2Qformer(Blip2Base):
         return features
 
     # ---------------------------------------------------------------------------- checkpoint filter
-    def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py)."""
-        return convert_lavis_blip2(
-            state, lambda visual: vision_checkpoint_filter(self.cfg.vit_model, visual, self.visual_encoder)
-        )
-
 
 # ------------------------------------------------------------------------- variant registrations
 @MODELS.register("blip2_feature_extractor")

@@ -60,6 +60,30 @@ class JsonLogHook(Hook):
         self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
-        if dist.is_main_process():
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    if dist.is_main_process():
+        with path.open("a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+class CaptionSamplesHook(Hook):
+    """Every ``every_n_steps`` iterations rank 0 captions a fixed handful of images and logs them
+    (and a ``{"iteration", "samples"}`` line in log.jsonl), to show what the model says while it trains."""
+
+    def __init__(self, output_dir: str | Path, batch: dict[str, Any], every_n_steps: int):
+        self.path = Path(output_dir) / "log.jsonl"
+        self.batch, self.every_n_steps = batch, every_n_steps
+
+    def after_step(self, runner: "Runner", iteration: int, outputs: dict[str, float]) -> None:
+        if (iteration + 1) % self.every_n_steps or not dist.is_main_process():
+            return
+        runner.model.eval()
+        captions = runner.model.generate(self.batch, num_beams=1, max_new_tokens=30)
+        runner.model.train()
+        samples = [{"image_id": i, "caption": c} for i, c in zip(self.batch["image_id"], captions)]
+        for sample in samples:
+            logger.info("iteration %d, %s: %s", iteration + 1, sample["image_id"], sample["caption"])
+        append_jsonl(self.path, {"iteration": iteration + 1, "samples": samples})

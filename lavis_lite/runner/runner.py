@@ -26,7 +26,7 @@ from lavis_lite.data.samplers import EvalSampler, TrainSampler, mixing_weights
 from lavis_lite.logging import setup_logging
 from lavis_lite.registry import DATASETS, LR_SCHEDULERS, MODELS, RUNNERS, TASKS
 from lavis_lite.runner import checkpoint
-from lavis_lite.runner.hooks import Hook, JsonLogHook
+from lavis_lite.runner.hooks import CaptionSamplesHook, Hook, JsonLogHook
 from lavis_lite.runner.optim import OptimWrapper, build_adamw
 from lavis_lite.tasks.base import BaseTask
 
@@ -274,7 +274,10 @@ class Runner:
             )
         eval_splits = list(run_cfg.valid_splits) + list(run_cfg.test_splits)
         eval_loaders = build_eval_loaders(datasets, eval_splits, run_cfg)
-        return cls(model, task_cls(task_cfg), run_cfg, optim, train_loader, eval_loaders,
+        hooks: list[Hook] = [JsonLogHook(run_cfg.output_dir, run_cfg.log_freq)]
+        if run_cfg.sample_captions_every:
+            hooks.append(caption_samples_hook(datasets, run_cfg, device))
+        return cls(model, task_cls(task_cfg), run_cfg, optim, train_loader, eval_loaders, hooks=hooks,
                    device=device, config_yaml=config_yaml)
 
 
@@ -287,6 +290,16 @@ def validate(cfg: DictConfig, sources: Sources | None = None) -> tuple[RunConfig
     for name, node in cfg.datasets.items():
         merge_onto(DATASETS.get(name).config_class, node, f"datasets.{name}", sources)
     return run_cfg, task_cfg
+
+
+def caption_samples_hook(datasets: dict[str, dict[str, Dataset]], cfg: RunConfig, device: torch.device) -> Hook:
+    """The first ``sample_captions_count`` images of the first validation split, captioned as training goes."""
+    split = cfg.valid_splits[0] if cfg.valid_splits else None
+    data = next((splits[split] for splits in datasets.values() if split in splits), None)
+    if data is None:
+        raise ConfigError("run.sample_captions_every needs run.valid_splits naming a split of the data sets")
+    samples = [data[i] for i in range(min(cfg.sample_captions_count, len(data)))]
+    return CaptionSamplesHook(cfg.output_dir, move_to_device(data.collater(samples), device), cfg.sample_captions_every)
 
 
 def _check_run_config(cfg: RunConfig) -> None:

@@ -168,3 +168,20 @@ def test_resume_on_webdataset_shards(tmp_path):
     resumed.train()
     assert full.iteration == resumed.iteration == 12
     assert_same(params(resumed), params(full))
+
+
+def test_mixing_ratios_draw_data_sets_in_proportion():
+    from lavis_lite.data.samplers import TrainSampler, mixing_weights
+
+    sizes, ratios = [100, 900], [3.0, 1.0]  # the small set should make up 3/4 of every epoch
+    sampler = TrainSampler(sum(sizes), seed=1, weights=mixing_weights(sizes, ratios))
+    drawn = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
+    share = sum(i < 100 for i in drawn) / len(drawn)
+    assert abs(share - 0.75) < 0.02  # binomial std over 4000 draws is ~0.007
+    assert mixing_weights(sizes, [1.0, 1.0]) is None  # equal ratios: plain shuffling, each sample once
+    sampler = TrainSampler(10, rank=1, world_size=3, seed=0)
+    sampler.set_epoch(0)
+    assert len(list(sampler)) == len(sampler) == 4  # 10 padded to 12, dealt to 3 ranks
