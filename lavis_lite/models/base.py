@@ -48,8 +48,9 @@ class BaseModel(nn.Module):
     def from_config(cls, node: Any) -> "BaseModel":
         cfg = merge_onto(cls.config_class, node, "model")
         model = cls(cfg)
-        if getattr(cfg, "pretrained", None):
-            model.load_checkpoint(cfg.pretrained)
+        for key in ("pretrained", "finetuned"):  # LAVIS's order: pre-training, then fine-tuning
+            if getattr(cfg, key, None):
+                model.load_checkpoint(getattr(cfg, key))
         return model
 
     @property

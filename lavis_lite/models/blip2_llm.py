@@ -238,7 +238,8 @@ class Blip2LLM(Blip2Base):
 
     def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
         """A stage-1 checkpoint has no projection yet: ``llm_proj`` keeps its fresh initialisation."""
-        return () if any(k.startswith("llm_proj.") for k in state) else ("llm_proj.",)
+        own = () if any(k.startswith("llm_proj.") for k in state) else ("llm_proj.",)
+        return super().allow_missing(state) + own
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
         """As BaseModel's; a missing file suggests the newest stage-1 checkpoint under ./output."""

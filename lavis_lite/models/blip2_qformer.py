@@ -68,7 +68,8 @@ class Blip2VisionConfig:
     vit_pretrained: Optional[str] = None  # LAVIS eva_vit_g.pth / clip_vit_L.pth (or a timm state dict)
     # Q-Former (qformer.py); encoder_width comes from the image encoder, vocab_size must match the tokenizer
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
-    pretrained: Optional[str] = None  # full checkpoint (LAVIS or ours), loaded by BaseModel.from_config
+    pretrained: Optional[str] = None  # checkpoint (LAVIS or ours) loaded after building
+    finetuned: Optional[str] = None  # a second checkpoint loaded over it (LAVIS's name), e.g. stage 2 over stage 1
 
 
 @dataclasses.dataclass
@@ -111,8 +112,9 @@ def build_tokenizer(tokenizer_path: str) -> BertTokenizer:
 class Blip2Base(BaseModel):
     """Image encoder -> ``ln_vision`` -> Q-Former with ``query_tokens``: the part every BLIP-2 shares."""
 
-    # LAVIS checkpoints hold no image-encoder weights (it is frozen; LAVIS saves trainable ones)
-    ignore_missing_prefixes = ("visual_encoder.",)
+    # Checkpoints of a frozen encoder hold no visual_encoder.* weights (LAVIS's and ours save trainable
+    # ones only): allowed only once the encoder has weights from somewhere (``allow_missing``).
+    vit_loaded: bool = False
 
     def init_vision_and_qformer(self, cfg: Blip2VisionConfig, vocab_size: Optional[int]) -> int:
         """Build ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens``; return the Q-Former width.
@@ -120,6 +122,7 @@ class Blip2Base(BaseModel):
         self.visual_encoder = create_vision_encoder(cfg.vit_model, cfg.img_size, cfg.drop_path_rate, cfg.vit_use_checkpoint)
         if cfg.vit_pretrained:
             load_vision_weights(self.visual_encoder, cfg.vit_model, cfg.vit_pretrained)
+            self.vit_loaded = True
         elif cfg.vit_model != "tiny":
             logger.warning("model.vit_pretrained is not set: the %s image encoder is randomly initialised "
                            "unless model.pretrained holds visual_encoder.* weights", cfg.vit_model)
@@ -171,6 +174,17 @@ class Blip2Base(BaseModel):
         """Queries cross-attending to the image (no text): QFormerOutput with [B, Q, H]."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds, use_cache=use_cache)
+
+    def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+        """A checkpoint may lack the image encoder only if it already has weights (``vit_pretrained`` or
+        an earlier checkpoint); otherwise it would silently stay random."""
+        if any(k.startswith("visual_encoder.") for k in state):
+            self.vit_loaded = True
+        elif not self.vit_loaded:
+            raise KeyError("this checkpoint holds no visual_encoder.* weights and none were loaded before: the image "
+                           "encoder would stay random. Set model.vit_pretrained (e.g. LAVIS's eva_vit_g.pth), or set "
+                           "model.pretrained to a checkpoint that has them and model.finetuned to this one")
+        return ("visual_encoder.",)
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py)."""

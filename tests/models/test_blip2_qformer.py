@@ -258,3 +258,18 @@ def test_full_size_pretrain_trains_on_gpu(bert_base_vocab_dir):
     assert all(torch.isfinite(v) for v in out.values())
     assert model.query_tokens.grad is not None
     assert all(p.grad is None for p in model.visual_encoder.parameters())
+
+
+@pytest.mark.random_vit_guard
+def test_random_vit_is_refused(tmp_path):
+    """A checkpoint without visual_encoder.* loaded into an encoder that has no weights yet would leave
+    it random (the frozen encoder is not in trainable-only checkpoints): refused, saying what to set."""
+    source = tiny_model(seed=1)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("visual_encoder.")}
+    torch.save({"model": state}, tmp_path / "no_vit.pth")
+    torch.save({"model": source.state_dict()}, tmp_path / "full.pth")
+    with pytest.raises(KeyError, match="model.vit_pretrained.*model.finetuned"):
+        tiny_model(seed=2, pretrained=str(tmp_path / "no_vit.pth"))
+    # pretrained (with the encoder) then finetuned (without): the encoder comes from the first
+    model = tiny_model(seed=2, pretrained=str(tmp_path / "full.pth"), finetuned=str(tmp_path / "no_vit.pth"))
+    torch.testing.assert_close(model.visual_encoder.patch_embed.proj.weight, source.visual_encoder.patch_embed.proj.weight)
