@@ -67,8 +67,8 @@ class Blip2LLM(Blip2Base):
     """Frozen image encoder + Q-Former + ``llm_proj`` + frozen ``llm_model`` (any LLMBackbone)."""
 
     config_class = Blip2LLMConfig
-    # frozen weights come from their own files, never from our checkpoints
-    ignore_missing_prefixes = ("visual_encoder.", "llm_model.")
+    # the frozen LLM comes from model.llm_path, never from our checkpoints (the encoder: allow_missing)
+    ignore_missing_prefixes = ("llm_model.",)
 
     def __init__(self, cfg: Blip2LLMConfig):
         super().__init__()
