@@ -41,6 +41,18 @@ class BadImageError(RuntimeError):
     """An image file could not be read and skipping is off."""
 
 
+def skip_or_raise(dataset: Any, what: str, err: Exception) -> None:
+    """The bad-sample policy of ``dataset`` (``name``, ``skip_bad_images``, ``bad_image_count``):
+    raise naming ``what`` and the config key, or, with skipping on, count and log it."""
+    if not dataset.skip_bad_images:
+        raise BadImageError(
+            f"{what} ({type(err).__name__}: {err}); fix or remove it, or set "
+            f"datasets.{dataset.name}.skip_bad_images=true to skip unreadable samples"
+        ) from err
+    dataset.bad_image_count += 1
+    logger.warning("%s: %s (%s: %s); skipped", dataset.name, what, type(err).__name__, err)
+
+
 def load_image(path: Path, min_size: int | None = None) -> Image.Image:
     """Decode ``path`` as RGB. With ``min_size``, a JPEG much larger than it is decoded at a
     reduced scale (``Image.draft``: 1/2, 1/4 or 1/8) that still leaves at least ``2 * min_size``
@@ -132,13 +144,7 @@ class ImageDataset(Dataset):
         try:
             return load_image(path, self._min_size)
         except _IMAGE_ERRORS as err:
-            if not self.skip_bad_images:
-                raise BadImageError(
-                    f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file, or set "
-                    f"datasets.{self.name}.skip_bad_images=true to skip unreadable images"
-                ) from err
-            self.bad_image_count += 1
-            logger.warning("%s: unreadable image %s (%s: %s); skipped", self.name, path, type(err).__name__, err)
+            skip_or_raise(self, f"cannot read image {path}", err)
             return None
 
     def load(self, index: int) -> tuple[dict[str, Any], torch.Tensor, int]:

@@ -39,7 +39,14 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lavis_lite import dist
-from lavis_lite.data.datasets import _IMAGE_ERRORS, _MAX_CONSECUTIVE_BAD, BadImageError, CaptionDataset, load_image
+from lavis_lite.data.datasets import (
+    _IMAGE_ERRORS,
+    _MAX_CONSECUTIVE_BAD,
+    BadImageError,
+    CaptionDataset,
+    load_image,
+    skip_or_raise,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -232,13 +239,7 @@ class ImageTextShards(IterableDataset):
                 raise ValueError("no caption (neither a .txt member nor a .json with a string \"caption\")")
             image = load_image(io.BytesIO(sample[ext]), self._min_size)
         except (*_IMAGE_ERRORS, UnicodeDecodeError) as err:
-            if not self.skip_bad_images:
-                raise BadImageError(
-                    f"bad sample, {where} ({type(err).__name__}: {err}); fix or remove it, or set "
-                    f"datasets.{self.name}.skip_bad_images=true to skip bad samples"
-                ) from err
-            self.bad_image_count += 1
-            logger.warning("%s: bad sample, %s (%s: %s); skipped", self.name, where, type(err).__name__, err)
+            skip_or_raise(self, f"bad sample, {where}", err)
             return None
         image_id = meta.get("image_id", sample["__key__"]) if isinstance(meta, dict) else sample["__key__"]
         return {"image": self.vis_processor(image), "text_input": self.text_processor(caption), "image_id": image_id}
