@@ -60,7 +60,7 @@ class RunConfig:
     max_grad_norm: Optional[float] = None
     amp: bool = False  # autocast on GPU
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
-    fused_adamw: bool = True  # used where torch supports it (CUDA)
+    fused_adamw: bool = True  # fused AdamW kernels (CUDA and CPU)
     # loop
     max_epoch: int = 1  # runner_base
     max_iters: int = 0  # runner_iter: total iterations ...

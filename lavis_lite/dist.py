@@ -92,6 +92,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of any rank (itself without a process group)."""
+    if not is_dist():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / get_world_size()
 

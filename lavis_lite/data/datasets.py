@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import IO, Any, Callable, ClassVar, Sequence
 
 import torch
 from PIL import Image
@@ -53,13 +53,12 @@ def skip_or_raise(dataset: Any, what: str, err: Exception) -> None:
     logger.warning("%s: %s (%s: %s); skipped", dataset.name, what, type(err).__name__, err)
 
 
-def load_image(path: Path, min_size: int | None = None) -> Image.Image:
-    """Decode ``path`` as RGB. With ``min_size``, a JPEG much larger than it is decoded at a
-    reduced scale (``Image.draft``: 1/2, 1/4 or 1/8) that still leaves at least ``2 * min_size``
-    pixels per side, so the later resize starts from plenty of resolution."""
+def load_image(path: Path | IO[bytes], draft: Callable[[Image.Image], Any] | None = None) -> Image.Image:
+    """Decode ``path`` as RGB. ``draft`` (an image processor's ``draft``) may first ask PIL to decode
+    a JPEG at a reduced scale that its transform can still use without upsampling."""
     with Image.open(path) as image:
-        if min_size:
-            image.draft("RGB", (2 * min_size, 2 * min_size))
+        if draft is not None:
+            draft(image)
         return image.convert("RGB")  # forces the decode, so a truncated file fails here
 
 
@@ -142,7 +141,7 @@ class ImageDataset(Dataset):
         """The image, or None (logged and counted) when it is unreadable and skipping is on."""
         path = self.image_root / record["image"]
         try:
-            return load_image(path, self._min_size)
+            return load_image(path, getattr(self.vis_processor, "draft", None))
         except _IMAGE_ERRORS as err:
             skip_or_raise(self, f"cannot read image {path}", err)
             return None

@@ -6,16 +6,25 @@ processor's config dataclass, so a misspelled key fails when the data sets are b
 Differences from LAVIS: ``blip_image_train`` has no RandAugment (it matches LAVIS's
 ``blip2_image_train``, which the BLIP-2 configs use), and its horizontal flip can be switched off
 (``hflip``), for data whose text talks about left and right.
+
+Reduced-size JPEG decoding (``jpeg_draft``, on by default): the image processors' ``draft(image)``,
+called on an opened, not yet decoded image (``Image.open`` before ``convert``/``load``), asks PIL to
+decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT, ``Image.draft``) when the smaller image
+still gives the transform at least ``image_size`` pixels across every crop it can take, so nothing is
+ever upsampled that a full decode would have downsampled. It does nothing to other formats or to
+images already decoded, so whoever opens the file (the data set) must call it between ``Image.open``
+and the decode.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -55,6 +64,7 @@ class BlipImageTrainConfig:
     min_scale: float = 0.5  # RandomResizedCrop area range
     max_scale: float = 1.0
     hflip: bool = True  # LAVIS always flips; switch off when text mentions left/right
+    jpeg_draft: bool = True  # draft(): decode JPEGs at 1/2, 1/4, 1/8 scale when every crop keeps >= image_size px
     mean: list[float] = dataclasses.field(default_factory=lambda: list(CLIP_MEAN))
     std: list[float] = dataclasses.field(default_factory=lambda: list(CLIP_STD))
 
@@ -62,8 +72,26 @@ class BlipImageTrainConfig:
 @dataclasses.dataclass
 class BlipImageEvalConfig:
     image_size: int = 224
+    jpeg_draft: bool = True  # draft(): decode JPEGs at 1/2, 1/4, 1/8 scale when both sides stay >= image_size
     mean: list[float] = dataclasses.field(default_factory=lambda: list(CLIP_MEAN))
     std: list[float] = dataclasses.field(default_factory=lambda: list(CLIP_STD))
+
+
+def jpeg_draft(image: Image.Image, fits: Callable[[int, int], bool]) -> int:
+    """Ask PIL to decode ``image`` (opened, not yet loaded) at the strongest JPEG reduction 1/k, k in
+    (8, 4, 2), whose decoded size ``(ceil(W / k), ceil(H / k))`` still ``fits(width, height)``.
+    Returns k: 1 when nothing was reduced (not a JPEG, already loaded or drafted, or no scale fits)."""
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return 1
+    width, height = image.size
+    for k in (8, 4, 2):
+        size = (-(-width // k), -(-height // k))
+        # PIL picks the largest k in (8, 4, 2, 1) with k <= min(W // w, H // h): for (W // k, H // k) that is k
+        if width // k and height // k and fits(*size):
+            if image.draft("RGB", (width // k, height // k)) is not None and image.size == size:
+                return k
+            return 1
+    return 1
 
 
 def _check_image_config(cfg: BlipImageTrainConfig | BlipImageEvalConfig) -> None:
@@ -86,9 +114,10 @@ class BlipImageTrainProcessor:
         if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
             raise ValueError(f"min_scale={cfg.min_scale}, max_scale={cfg.max_scale}; "
                              "need 0 < min_scale <= max_scale <= 1")
-        steps: list[Any] = [transforms.RandomResizedCrop(
+        self.crop = transforms.RandomResizedCrop(
             cfg.image_size, scale=(cfg.min_scale, cfg.max_scale), interpolation=InterpolationMode.BICUBIC
-        )]
+        )
+        steps: list[Any] = [self.crop]
         if cfg.hflip:
             steps.append(transforms.RandomHorizontalFlip())
         steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
@@ -97,6 +126,22 @@ class BlipImageTrainProcessor:
     @property
     def image_size(self) -> int:
         return self.cfg.image_size
+
+    def fits(self, width: int, height: int) -> bool:
+        """Whether every crop ``RandomResizedCrop`` can take of a ``width`` x ``height`` image is at
+        least ``image_size`` pixels on both sides. A sampled crop of area ``a >= min_scale * W * H``
+        and aspect ratio ``r`` in ``ratio`` has sides ``round(sqrt(a * r))``, ``round(sqrt(a / r))``,
+        both ``>= sqrt(min_scale * W * H * min(r, 1 / r)) - 0.5``; the fallback centre crop has both
+        sides ``>= min(W, H)``."""
+        rmin = min(min(self.crop.ratio), 1 / max(self.crop.ratio))
+        smallest_side = math.sqrt(self.cfg.min_scale * width * height * rmin) - 1  # 1 px for rounding
+        return min(smallest_side, width, height) >= self.cfg.image_size
+
+    def draft(self, image: Image.Image) -> Image.Image:
+        """Before decoding: a JPEG is decoded at reduced scale if every crop keeps ``image_size`` px."""
+        if self.cfg.jpeg_draft:
+            jpeg_draft(image, self.fits)
+        return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
@@ -120,6 +165,16 @@ class BlipImageEvalProcessor:
     @property
     def image_size(self) -> int:
         return self.cfg.image_size
+
+    def fits(self, width: int, height: int) -> bool:
+        """The resize to ``image_size`` x ``image_size`` only shrinks both sides."""
+        return min(width, height) >= self.cfg.image_size
+
+    def draft(self, image: Image.Image) -> Image.Image:
+        """Before decoding: a JPEG is decoded at reduced scale if both sides stay >= ``image_size``."""
+        if self.cfg.jpeg_draft:
+            jpeg_draft(image, self.fits)
+        return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)

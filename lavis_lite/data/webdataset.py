@@ -147,7 +147,6 @@ class ImageTextShards(IterableDataset):
                              "of samples in all shards")
         self.epoch, self.skip, self.batch_size = 0, 0, 1
         self.bad_image_count = 0  # in this process only (each worker has its own copy)
-        self._min_size = getattr(vis_processor, "image_size", None)
 
     def __len__(self) -> int:
         """Nominal samples per rank and pass (the actual number differs by whole shards)."""
@@ -237,7 +236,7 @@ class ImageTextShards(IterableDataset):
                 caption = meta["caption"]
             else:
                 raise ValueError("no caption (neither a .txt member nor a .json with a string \"caption\")")
-            image = load_image(io.BytesIO(sample[ext]), self._min_size)
+            image = load_image(io.BytesIO(sample[ext]), getattr(self.vis_processor, "draft", None))
         except (*_IMAGE_ERRORS, UnicodeDecodeError) as err:
             skip_or_raise(self, f"bad sample, {where}", err)
             return None

@@ -263,7 +263,11 @@ class Blip2Qformer(Blip2Base):
         image_embeds = self.encode_image(image)  # [b, P, C]
         query_out = self.query_pass(image_embeds, use_cache=True)
         image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)  # [b, Q, D]
-        text_ids, text_mask = self.tokenize(texts)  # [b, T]
+        # dynamic padding: to the longest caption of any rank (ITM gathers the texts, so all ranks agree)
+        text_ids, text_mask = self.tokenize(texts, padding="longest")
+        missing = dist.max_over_ranks(text_ids.shape[1], self.device) - text_ids.shape[1]
+        text_ids = F.pad(text_ids, (0, missing), value=self.tokenizer.pad_token_id)  # [b, T]
+        text_mask = F.pad(text_mask, (0, missing), value=0)
         text_feat = F.normalize(self.text_proj(self.text_pass(text_ids, text_mask)[:, 0]), dim=-1)  # [b, D]
 
         # ITC: local rows with gradients against every rank's features without (LAVIS concat_all_gather)

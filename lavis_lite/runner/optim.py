@@ -32,7 +32,7 @@ def build_adamw(model: nn.Module, weight_decay: float, beta2: float, fused: bool
     groups = param_groups(model, weight_decay)
     if not any(group["params"] for group in groups):
         raise ValueError("no trainable parameters: check run.freeze and the model's freeze flags")
-    use_fused = fused and device.type == "cuda"
+    use_fused = fused and device.type in ("cuda", "cpu")  # fused kernels exist for both (bench/RESULTS.md)
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, beta2), fused=use_fused or None)
 
 

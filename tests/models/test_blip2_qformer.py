@@ -192,7 +192,10 @@ def test_lavis_style_checkpoint_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------- distributed
 # 2 ranks x 2 samples; "img_1" is on both ranks, so positives and negatives cross ranks. Captions have the
 # same token count, so the LM loss (a per-rank token mean, as in LAVIS) averages like one process.
-CAPTIONS = ["a red circle", "a blue square", "a green star", "a red star"]
+# rank 0 gets the first two, rank 1 the last two: different longest captions (10 and 9 tokens: text
+# is padded across ranks), the same number of tokens (so per-rank mean losses average to the whole's)
+CAPTIONS = ["a red circle", "a red star left of a blue circle", "a blue square on a striped background",
+            "red star and blue"]
 IDS = ["img_0", "img_1", "img_1", "img_2"]
 
 
@@ -206,6 +209,28 @@ def _losses_and_grads(model, batch):
     out["loss"].backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in out.items()}, grads
+
+
+def test_text_padded_to_the_longest_caption_gives_the_losses_of_max_length_padding():
+    widths = []
+
+    def tokenize(texts, max_length=None, padding="longest", force=None):
+        ids, mask = Blip2Qformer.tokenize(model, texts, max_length, force or padding)
+        widths.append(ids.shape[1])
+        return ids, mask
+
+    model = tiny_model(seed=0, **NO_DROPOUT).train()
+    model.negative_sampler = losses.hardest_negatives
+    model.tokenize = tokenize
+    dynamic, dynamic_grads = _losses_and_grads(model, _full_batch())
+    model.zero_grad()
+    model.tokenize = lambda texts, max_length=None, padding=None: tokenize(texts, max_length, force="max_length")
+    padded, padded_grads = _losses_and_grads(model, _full_batch())
+    assert widths == [10, model.cfg.max_txt_len]  # [CLS] + 8 words + [SEP], then max_txt_len
+    for key, value in padded.items():
+        torch.testing.assert_close(dynamic[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in padded_grads.items():
+        torch.testing.assert_close(dynamic_grads[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def _rank_worker(out_dir):
