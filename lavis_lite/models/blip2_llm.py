@@ -44,6 +44,7 @@ class Blip2LLMConfig(Blip2VisionConfig):
     llm_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None  # None: the backbone's default
     prompt: str = ""  # text before every training caption (LAVIS: prompt)
     max_txt_len: int = 32  # prompt + answer tokens at most
+    text_only: bool = False  # ablation: the LLM alone, no image queries (the "no image" VQA baseline)
     lora_r: int = 0  # > 0: train LoRA adapters of this rank on the LLM (peft)
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -105,7 +106,10 @@ class Blip2LLM(Blip2Base):
 
     # ---------------------------------------------------------------------------- sequences
     def query_embeds(self, image: torch.Tensor) -> torch.Tensor:
-        """image [B, 3, H, W] -> projected query outputs [B, Q, llm hidden] in the LLM's dtype."""
+        """image [B, 3, H, W] -> projected query outputs [B, Q, llm hidden] in the LLM's dtype
+        ([B, 0, llm hidden] with ``text_only``: the LLM sees the prompt alone)."""
+        if self.cfg.text_only:
+            return image.new_zeros(image.shape[0], 0, self.llm_proj.out_features, dtype=self.llm_model.dtype)
         queries = self.query_pass(self.encode_image(image)).last_hidden_state
         return self.llm_proj(queries).to(self.llm_model.dtype)
 

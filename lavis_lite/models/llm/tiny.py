@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -19,12 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from lavis_lite.config import cache_dir
+from lavis_lite.data.processors import pre_caption, pre_question
 from lavis_lite.data.shapes import ensure_shapes
+from lavis_lite.models.llm.base import LLMBackbone
 from lavis_lite.models.llm.internlm2 import internlm2_config_to_llama, load_internlm2_tokenizer, save_internlm2
+from lavis_lite.models.llm.internlm2_backbone import InternLM2Backbone
 
 logger = logging.getLogger(__name__)
 
 ANSWER_PROMPT = "Question: {} Short answer:"  # the VQA task's default prompt
+BUILDER_VERSION = 2  # bump on any change to the corpus or the training, so cached copies are rebuilt
 
 
 @dataclasses.dataclass
@@ -34,22 +39,51 @@ class TinyLLMSpec:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    warmup_steps: int = 400
+    warmup_steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
 
 
-def shapes_texts(shapes_root: str | Path) -> list[str]:
-    """Training captions (English and Chinese) and "Question: q Short answer: a" lines, each ending
-    in a newline (the end-of-answer text)."""
+def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
+    """The warm-up corpus, from the train split's text only (no image is read). An example is a
+    list of segments, encoded as Blip2LLM encodes its sequences: a segment ending in a newline (the
+    end-of-answer text) as a caption/answer target, any other as a prompt; captions and questions
+    are cleaned as the data sets' text processors clean them (``pre_caption``, ``pre_question``),
+    so stage 2 and VQA feed the LLM the text forms it was warmed up on. Examples: every caption
+    (English and Chinese); every caption followed by another caption of the same image (the model
+    learns to restate what its context describes, as stage 2 asks of the image queries); every
+    "Question: q Short answer:" prompt with its answer, alone, after the longest (most complete)
+    caption of its image and after a random one (the model learns to answer from its context, as a
+    pretrained LLM reads a passage)."""
+    rng = random.Random(0)
     annotations = Path(shapes_root) / "annotations"
-    texts = [r["caption"] + "\n" for name in ("caption_train.json", "caption_cn_train.json")
-             for r in json.loads((annotations / name).read_text())]
+    captions: dict[str, list[str]] = {}
+    for record in json.loads((annotations / "caption_train.json").read_text()):
+        captions.setdefault(record["image"], []).append(pre_caption(record["caption"]) + "\n")
+    chinese = json.loads((annotations / "caption_cn_train.json").read_text())
+    corpus = [[pre_caption(r["caption"]) + "\n"] for r in chinese]
+    for caps in captions.values():
+        for i, caption in enumerate(caps):
+            corpus += [[caption], [caption, caps[(i + 1) % len(caps)]]]
     for record in json.loads((annotations / "vqa_train.json").read_text()):
         answer = max(set(record["answer"]), key=record["answer"].count)
-        texts.append(f"{ANSWER_PROMPT.format(record['question'])} {answer}\n")
-    return texts
+        qa = [ANSWER_PROMPT.format(pre_question(record["question"])), answer + "\n"]
+        caps = captions[record["image"]]
+        corpus += [qa, [max(caps, key=len), *qa], [rng.choice(caps), *qa]]
+    return corpus
+
+
+def encode_example(backbone: LLMBackbone, tokenizer, segments: list[str]) -> list[int]:
+    """``[bos] + segments``, each a caption/answer target (``encode_answer``) when it ends in the
+    end-of-answer text, a prompt (``encode``) otherwise: the token sequences Blip2LLM builds."""
+    ids = [backbone.bos_token_id(tokenizer)]
+    for segment in segments:
+        if segment.endswith(backbone.end_of_answer):
+            ids += backbone.encode_answer(tokenizer, segment[: -len(backbone.end_of_answer)])
+        else:
+            ids += backbone.encode(tokenizer, segment)
+    return ids
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> None:
@@ -76,12 +110,13 @@ def build_tiny_internlm2(shapes_root: str | Path, out_dir: str | Path, spec: Tin
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
-    manifest = {"spec": dataclasses.asdict(spec), "shapes": json.loads((Path(shapes_root) / "manifest.json").read_text())}
+    manifest = {"version": BUILDER_VERSION, "spec": dataclasses.asdict(spec),
+                "shapes": json.loads((Path(shapes_root) / "manifest.json").read_text())}
     if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()) == manifest:
         return out
-    texts = shapes_texts(shapes_root)
+    corpus = shapes_corpus(shapes_root)
     tmp = out.with_name(out.name + ".tmp")
-    train_tokenizer(texts, spec.vocab_size, tmp)
+    train_tokenizer(["".join(example) for example in corpus], spec.vocab_size, tmp)
     tokenizer = load_internlm2_tokenizer(tmp)
     official = {
         "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": len(tokenizer),
@@ -93,7 +128,8 @@ def build_tiny_internlm2(shapes_root: str | Path, out_dir: str | Path, spec: Tin
     }
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(internlm2_config_to_llama(official))
-    warm_up(model, tokenizer, texts, spec)
+    backbone = InternLM2Backbone()
+    warm_up(model, [encode_example(backbone, tokenizer, example) for example in corpus], spec)
     save_internlm2(model, tokenizer, tmp)
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     if out.exists():
@@ -105,18 +141,21 @@ def build_tiny_internlm2(shapes_root: str | Path, out_dir: str | Path, spec: Tin
     return out
 
 
-def warm_up(model: torch.nn.Module, tokenizer, texts: list[str], spec: TinyLLMSpec) -> None:
-    """Next-token training on ``texts`` (bos + text), padding masked out of the loss."""
+def warm_up(model: torch.nn.Module, sequences: list[list[int]], spec: TinyLLMSpec) -> None:
+    """Next-token training on token ``sequences``, padding masked out of the loss."""
     rng = random.Random(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     model.train()
     for step in range(spec.warmup_steps):
-        batch = tokenizer(rng.sample(texts, spec.batch_size), padding=True, return_tensors="pt")
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = rng.sample(sequences, spec.batch_size)
+        length = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in batch])
+        mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in batch])
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        labels = input_ids.masked_fill(mask == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         for group in optimizer.param_groups:  # cosine decay to 0
-            group["lr"] = spec.lr * 0.5 * (1 + torch.cos(torch.tensor(step / spec.warmup_steps * torch.pi)).item())
+            group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.warmup_steps))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
