@@ -5,6 +5,7 @@
     python bench/bench_train.py --adamw foreach fused --text-padding max_length longest --stages 1
     python bench/bench_train.py --size real --stages 2 --steps 1 --warmup 0 --batch-size 2   # CPU: 1 min, 8.2 GB
     python bench/bench_train.py --size real --json bench/results/train_real_h100.json             # GPU
+    python bench/bench_train.py --stages 2 --cache-image-features   # frozen encoder output from the cache
 
 Per configuration: samples/s over ``--steps`` timed steps after ``--warmup`` steps (forward,
 backward, AdamW step), the optimizer step's share, peak memory over the steps (CUDA: max allocated
@@ -62,6 +63,7 @@ from lavis_lite.config import cache_dir
 from lavis_lite.data.shapes import ensure_shapes
 from lavis_lite.models import create_model
 from lavis_lite.models.blip2_qformer import Blip2Base
+from lavis_lite.models.feature_cache import ImageFeatureCache
 from lavis_lite.models.llm.internlm2 import internlm2_config_to_llama
 from lavis_lite.models.llm.tiny import build_tiny_internlm2
 from lavis_lite.models.qformer import QFormerConfig
@@ -177,6 +179,10 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
     release_memory(device)
     model.to(device).train()
     padding = use_text_padding(model, padding)
+    if args.cache_image_features:  # every step after the first reuses the first step's encoder output
+        if any(p.requires_grad for p in model.visual_encoder.parameters()):
+            raise SystemExit(f"--cache-image-features needs a frozen image encoder; stage {stage} at this size trains it")
+        model.image_feature_cache = ImageFeatureCache(max_gb=64)
     optimizer = make_optimizer(model, adamw, device)
     size = model.cfg.img_size
     batch = {"image": torch.randn(args.batch_size, 3, size, size, device=device),
@@ -209,6 +215,7 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
     step_s = elapsed / args.steps
     result = {
         "stage": stage, "adamw": adamw, "text_padding": padding, "batch_size": args.batch_size,
+        "image_features": "cached" if args.cache_image_features else "encoded",
         "image_size": size, "loss": loss.detach().item(), "samples_per_s": args.batch_size / step_s, "step_s": step_s,
         "optimizer_step_s": optimizer_s / args.steps, "memory_before_steps_mb": weights_mb,
         "peak_memory_mb": peak_mb, "peak_memory_scope": peak_scope,
@@ -240,7 +247,7 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
     return result
 
 
-COLUMNS = [("stage", "stage"), ("adamw", "AdamW"), ("text_padding", "text padding"),
+COLUMNS = [("stage", "stage"), ("adamw", "AdamW"), ("text_padding", "text padding"), ("image_features", "image features"),
            ("samples_per_s", "samples/s"), ("step_s", "step s"), ("optimizer_step_s", "optimizer s"),
            ("peak_memory_mb", "peak MB"), ("trainable_params", "trainable"), ("llm_params", "LLM params"),
            ("llm_params_with_grad_or_optimizer_state", "LLM params w/ grad or state"),
@@ -265,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="default: bfloat16 (small, real), the config's float32 (tiny)")
     parser.add_argument("--amp", choices=["none", "bfloat16", "float16"], default=None,
                         help="autocast around the forward; default bfloat16 on CUDA, none on CPU")
+    parser.add_argument("--cache-image-features", action="store_true",
+                        help="model.cache_image_features: time steps whose (frozen) encoder output comes from the cache")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak dense TFLOP/s of the device for MFU (default 989: H100 SXM bf16, CUDA only)")
     add_run_args(parser)

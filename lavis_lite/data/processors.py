@@ -107,6 +107,7 @@ class BlipImageTrainProcessor:
     optional horizontal flip, CLIP normalisation."""
 
     config_class: ClassVar[type] = BlipImageTrainConfig
+    augments: ClassVar[bool] = True  # an image gives a different tensor each time
 
     def __init__(self, cfg: BlipImageTrainConfig | None = None):
         self.cfg = cfg = cfg or BlipImageTrainConfig()
@@ -152,6 +153,7 @@ class BlipImageEvalProcessor:
     """PIL image -> [3, image_size, image_size] float tensor: bicubic resize, CLIP normalisation."""
 
     config_class: ClassVar[type] = BlipImageEvalConfig
+    augments: ClassVar[bool] = False
 
     def __init__(self, cfg: BlipImageEvalConfig | None = None):
         self.cfg = cfg = cfg or BlipImageEvalConfig()

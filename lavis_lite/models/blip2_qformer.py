@@ -36,6 +36,7 @@ from lavis_lite.config import CONFIG_ROOT
 from lavis_lite.models import losses
 from lavis_lite.models.base import BaseModel
 from lavis_lite.models.convert import convert_lavis_blip2
+from lavis_lite.models.feature_cache import ImageFeatureCache
 from lavis_lite.models.qformer import QFormer, QFormerConfig, init_from_bert
 from lavis_lite.models.vision import (
     VitModel,
@@ -66,6 +67,9 @@ class Blip2VisionConfig:
     vit_precision: VitPrecision = "fp16"
     freeze_vit: bool = True  # no gradients, always in eval mode
     vit_pretrained: Optional[str] = None  # LAVIS eva_vit_g.pth / clip_vit_L.pth (or a timm state dict)
+    # frozen encoder, unaugmented training images (train processor blip_image_eval): encode each image once
+    cache_image_features: bool = False
+    image_feature_cache_gb: float = 32.0  # per process, on the CPU; images beyond it are encoded every time
     # Q-Former (qformer.py); encoder_width comes from the image encoder, vocab_size must match the tokenizer
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
     pretrained: Optional[str] = None  # checkpoint (LAVIS or ours) loaded after building
@@ -115,6 +119,7 @@ class Blip2Base(BaseModel):
     # Checkpoints of a frozen encoder hold no visual_encoder.* weights (LAVIS's and ours save trainable
     # ones only): allowed only once the encoder has weights from somewhere (``allow_missing``).
     vit_loaded: bool = False
+    image_feature_cache: Optional[ImageFeatureCache] = None
 
     def init_vision_and_qformer(self, cfg: Blip2VisionConfig, vocab_size: Optional[int]) -> int:
         """Build ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens``; return the Q-Former width.
@@ -133,6 +138,11 @@ class Blip2Base(BaseModel):
             for param in self.visual_encoder.parameters():
                 param.requires_grad_(False)
             self.visual_encoder.eval()
+        if cfg.cache_image_features:
+            if not cfg.freeze_vit:
+                raise ValueError("model.cache_image_features=true needs model.freeze_vit=true: a trained "
+                                 "encoder's features change every step")
+            self.image_feature_cache = ImageFeatureCache(cfg.image_feature_cache_gb)
 
         qcfg = dataclasses.replace(cfg.qformer, text_branch=vocab_size is not None)
         if qcfg.encoder_width is None:
@@ -166,8 +176,14 @@ class Blip2Base(BaseModel):
         return self.query_tokens.shape[1]
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """image [B, 3, H, W] -> ``ln_vision`` output [B, 1 + patches, width], float32."""
-        features = vision_features(self.visual_encoder, image.to(self.device), self.cfg.vit_precision)
+        """image [B, 3, H, W] -> ``ln_vision`` output [B, 1 + patches, width], float32 (the encoder's part
+        from ``image_feature_cache`` for images it has seen)."""
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return vision_features(self.visual_encoder, images, self.cfg.vit_precision)
+
+        image = image.to(self.device)
+        cache = self.image_feature_cache
+        features = encode(image) if cache is None else cache.encode(image, encode)
         return self.ln_vision(features.float())
 
     def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False):

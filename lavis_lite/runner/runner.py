@@ -105,6 +105,9 @@ class Runner:
                 if self.cfg.save_every_n_steps and self.iteration % self.cfg.save_every_n_steps == 0:
                     self.save(f"checkpoint_{self.iteration}.pth", rotate=True)
             self._end_of_epoch()
+            cache = getattr(self.model, "image_feature_cache", None)
+            if cache is not None:
+                logger.info("image feature cache: %s", cache.stats())
         if progress is not None:
             progress.close()
         if self.cfg.test_splits:
@@ -253,6 +256,8 @@ class Runner:
 
         datasets = build_datasets(cfg.datasets, sources)
         model = model_cls.from_config(cfg.model)
+        if getattr(model, "image_feature_cache", None) is not None and not run_cfg.evaluate:
+            check_unaugmented(datasets, run_cfg.train_splits)
         if run_cfg.freeze:
             model.freeze(run_cfg.freeze)
         model.to(device)
@@ -300,6 +305,18 @@ def caption_samples_hook(datasets: dict[str, dict[str, Dataset]], cfg: RunConfig
         raise ConfigError("run.sample_captions_every needs run.valid_splits naming a split of the data sets")
     samples = [data[i] for i in range(min(cfg.sample_captions_count, len(data)))]
     return CaptionSamplesHook(cfg.output_dir, move_to_device(data.collater(samples), device), cfg.sample_captions_every)
+
+
+def check_unaugmented(datasets: dict[str, dict[str, Dataset]], train_splits: list[str]) -> None:
+    """Cached image features are only reused when every training image gives the same tensor each time."""
+    for name, splits in datasets.items():
+        for split in train_splits:
+            processor = getattr(splits.get(split), "vis_processor", None)
+            if processor is not None and getattr(processor, "augments", True):
+                raise ConfigError(
+                    f"model.cache_image_features=true but datasets.{name}.vis_processor.train "
+                    f"({type(processor).__name__}) augments images, so no cached feature would be reused: set it "
+                    "to {name: blip_image_eval, image_size: ...} or set model.cache_image_features=false")
 
 
 def _check_run_config(cfg: RunConfig) -> None:
