@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lavis_lite.demo import read_log
 from lavis_lite.tasks import vqa_eval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +35,6 @@ def run(script, workdir, *args, nproc=1):
     return result.stdout
 
 
-def records(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def demo(workdir):
     out = workdir / "demo"
@@ -48,7 +45,7 @@ def demo(workdir):
 
 def test_demo_trains_both_stages_and_scores_vqa_next_to_baselines(demo, workdir):
     out, stdout = demo
-    log = records(out / "stage1" / "log.jsonl")
+    log = read_log(out / "stage1" / "log.jsonl")
     train = [r for r in log if "train_loss" in r]
     for key in ("train_loss_itc", "train_loss_itm", "train_loss_lm"):
         assert train[-1][key] < train[0][key], key
@@ -56,7 +53,7 @@ def test_demo_trains_both_stages_and_scores_vqa_next_to_baselines(demo, workdir)
     chance = 100 * 5 / 1000  # an image's 5 captions among the 1000 val captions
     assert val["val_txt_r1"] > 5 * chance and val["val_img_r1"] > 5 * 100 / 200
 
-    log = records(out / "stage2" / "log.jsonl")
+    log = read_log(out / "stage2" / "log.jsonl")
     train = [r for r in log if "train_loss" in r]
     assert train[-1]["train_loss"] < 0.8 * train[0]["train_loss"]  # stage 2 learns to caption
     samples = [r for r in log if "samples" in r]  # run.sample_captions_every: 50 in the project
@@ -104,7 +101,7 @@ def test_chinese_stage2_from_the_demo_checkpoint(demo, workdir):
     run("run_scripts/blip2/train_stage2_cn.sh", workdir, "run.progress_bar=false", "run.max_epoch=1",
         f"run.output_dir={chinese}", f"model.pretrained={out / 'stage1' / 'checkpoint_best.pth'}")
     # scored at character level against the Chinese ground truth (how well it learns: README)
-    scores = [r for r in records(chinese / "log.jsonl") if "val_CIDEr" in r][-1]
+    scores = [r for r in read_log(chinese / "log.jsonl") if "val_CIDEr" in r][-1]
     assert all(math.isfinite(scores[k]) and scores[k] >= 0 for k in ("val_CIDEr", "val_Bleu_4"))
     captions = json.loads((chinese / "result" / "val_caption_result.json").read_text())
     assert len(captions) == 200 and all(c["caption"] for c in captions)
@@ -126,6 +123,6 @@ def test_vqa_launcher_on_two_processes_matches_one(demo, workdir):
     assert [r["question_id"] for r in results2] == [r["question_id"] for r in results]
     same = sum(a["answer"] == b["answer"] for a, b in zip(results, results2))
     assert same >= 0.98 * len(results)
-    metrics = [r for r in records(out / "vqa" / "log.jsonl") if "test_agg_metrics" in r][-1]
-    metrics2 = [r for r in records(vqa2 / "log.jsonl") if "test_agg_metrics" in r][-1]
+    metrics = [r for r in read_log(out / "vqa" / "log.jsonl") if "test_agg_metrics" in r][-1]
+    metrics2 = [r for r in read_log(vqa2 / "log.jsonl") if "test_agg_metrics" in r][-1]
     assert abs(metrics2["test_agg_metrics"] - metrics["test_agg_metrics"]) <= 100 * (len(results) - same) / len(results)

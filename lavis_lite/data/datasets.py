@@ -126,7 +126,7 @@ class ImageDataset(Dataset):
         self.bad_image_count = 0  # in this process only; see the module docstring
         records = load_annotations(self.ann_paths, self.required, f"datasets.{name}.build_info.annotations")
         self.annotation = PackedRecords(self.prepare(records))
-        self._min_size = getattr(vis_processor, "image_size", None)
+        self._image_size = getattr(vis_processor, "image_size", None)  # of the placeholder for a bad image
         logger.debug("%s: %d records (%d bytes) from %s", name, len(self.annotation),
                      self.annotation.nbytes, [str(p) for p in self.ann_paths])
 
@@ -153,7 +153,7 @@ class ImageDataset(Dataset):
             record = self.annotation[index]
             image = self._try_load(record)
             if image is None:
-                size = self._min_size or 224
+                size = self._image_size or 224
                 return record, self.vis_processor(Image.new("RGB", (size, size))), 1
             return record, self.vis_processor(image), 0
         tries = min(len(self), _MAX_CONSECUTIVE_BAD)

@@ -101,8 +101,32 @@ def _check_image_config(cfg: BlipImageTrainConfig | BlipImageEvalConfig) -> None
         raise ValueError(f"mean={cfg.mean}, std={cfg.std}; give 3 values each (RGB), std > 0")
 
 
+class _ImageProcessor:
+    """What both image processors share: ``cfg`` with ``image_size`` and ``jpeg_draft``, a ``transform``
+    and ``fits(width, height)``, whether a decoded size still serves the transform without upsampling."""
+
+    cfg: BlipImageTrainConfig | BlipImageEvalConfig
+    transform: Callable[[Image.Image], torch.Tensor]
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size
+
+    def fits(self, width: int, height: int) -> bool:
+        raise NotImplementedError
+
+    def draft(self, image: Image.Image) -> Image.Image:
+        """Before decoding: a JPEG is decoded at the strongest reduced scale that still ``fits``."""
+        if self.cfg.jpeg_draft:
+            jpeg_draft(image, self.fits)
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+
 @PROCESSORS.register("blip_image_train")
-class BlipImageTrainProcessor:
+class BlipImageTrainProcessor(_ImageProcessor):
     """PIL image -> [3, image_size, image_size] float tensor: random resized crop (bicubic),
     optional horizontal flip, CLIP normalisation."""
 
@@ -124,10 +148,6 @@ class BlipImageTrainProcessor:
         steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
         self.transform = transforms.Compose(steps)
 
-    @property
-    def image_size(self) -> int:
-        return self.cfg.image_size
-
     def fits(self, width: int, height: int) -> bool:
         """Whether every crop ``RandomResizedCrop`` can take of a ``width`` x ``height`` image is at
         least ``image_size`` pixels on both sides. A sampled crop of area ``a >= min_scale * W * H``
@@ -138,18 +158,9 @@ class BlipImageTrainProcessor:
         smallest_side = math.sqrt(self.cfg.min_scale * width * height * rmin) - 1  # 1 px for rounding
         return min(smallest_side, width, height) >= self.cfg.image_size
 
-    def draft(self, image: Image.Image) -> Image.Image:
-        """Before decoding: a JPEG is decoded at reduced scale if every crop keeps ``image_size`` px."""
-        if self.cfg.jpeg_draft:
-            jpeg_draft(image, self.fits)
-        return image
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
-
 
 @PROCESSORS.register("blip_image_eval")
-class BlipImageEvalProcessor:
+class BlipImageEvalProcessor(_ImageProcessor):
     """PIL image -> [3, image_size, image_size] float tensor: bicubic resize, CLIP normalisation."""
 
     config_class: ClassVar[type] = BlipImageEvalConfig
@@ -164,22 +175,9 @@ class BlipImageEvalProcessor:
             transforms.Normalize(cfg.mean, cfg.std),
         ])
 
-    @property
-    def image_size(self) -> int:
-        return self.cfg.image_size
-
     def fits(self, width: int, height: int) -> bool:
         """The resize to ``image_size`` x ``image_size`` only shrinks both sides."""
         return min(width, height) >= self.cfg.image_size
-
-    def draft(self, image: Image.Image) -> Image.Image:
-        """Before decoding: a JPEG is decoded at reduced scale if both sides stay >= ``image_size``."""
-        if self.cfg.jpeg_draft:
-            jpeg_draft(image, self.fits)
-        return image
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
 
 
 # ------------------------------------------------------------------------------------------- text
