@@ -2,8 +2,8 @@
 
     python -m lavis_lite.demo            # or: bash run_scripts/blip2/demo.sh
 
-(a) the tiny InternLM2 stand-in for a pretrained LLM: text-only warm-up on the shapes captions and
-question-answer text (cached under ``$LAVIS_LITE_CACHE/tiny_internlm2``, so a second run skips it);
+(a) the tiny InternLM2 stand-in for a pretrained LLM: warm-up on the shapes captions and
+question-answer text only (cached under ``$LAVIS_LITE_CACHE/tiny_internlm2``, so a second run skips it);
 (b) stage 1 (``projects/blip2/train/pretrain_stage1.yaml``); (c) stage 2 on captions only, from
 stage 1's best checkpoint (``pretrain_stage2.yaml``); (d) zero-shot VQA on the held-out test split
 (``projects/blip2/eval/vqa_shapes_zeroshot.yaml``). Two baselines answer the same questions and are

@@ -1,6 +1,7 @@
 """A tiny InternLM2-architecture LLM for CPU runs: its own sentencepiece tokenizer and a short
-text-only warm-up on the shapes captions and question-answer text, standing in for a pretrained
-LLM that already speaks the answer format. Written in the official InternLM2 layout, so the real
+warm-up on the shapes captions and question-answer text (no image is read), standing in for a
+pretrained LLM that already speaks the answer format and reads a context given as vectors, as a
+pretrained LLM reads BLIP-2's image queries. Written in the official InternLM2 layout, so the real
 loading path (``load_internlm2``) reads it.
 
     python -m lavis_lite.models.llm.tiny    # -> $LAVIS_LITE_CACHE/tiny_internlm2
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lavis_lite.config import cache_dir
 from lavis_lite.data.processors import pre_caption, pre_question
@@ -29,7 +31,8 @@ from lavis_lite.models.llm.internlm2_backbone import InternLM2Backbone
 logger = logging.getLogger(__name__)
 
 ANSWER_PROMPT = "Question: {} Short answer:"  # the VQA task's default prompt
-BUILDER_VERSION = 2  # bump on any change to the corpus or the training, so cached copies are rebuilt
+BUILDER_VERSION = 3  # bump on any change to the corpus or the training, so cached copies are rebuilt
+QA_IN_CONTEXT_REPEATS = 3  # copies of each question after a caption: answering from context is the skill VQA needs
 
 
 @dataclasses.dataclass
@@ -39,39 +42,84 @@ class TinyLLMSpec:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    warmup_steps: int = 1200
-    batch_size: int = 32
+    warmup_steps: int = 2400
+    batch_size: int = 32  # sequences per step
     lr: float = 3e-3
+    context_fraction: float = 0.5  # of each batch read from context vectors (0: a text-only warm-up)
+    context_vectors: int = 4  # = the tiny BLIP-2's image queries (configs/models/blip2_internlm/tiny.yaml)
+    restate_fraction: float = 0.3  # context examples whose target is the encoded caption itself
     seed: int = 0
 
 
-def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
-    """The warm-up corpus, from the train split's text only (no image is read). An example is a
-    list of segments, encoded as Blip2LLM encodes its sequences: a segment ending in a newline (the
-    end-of-answer text) as a caption/answer target, any other as a prompt; captions and questions
-    are cleaned as the data sets' text processors clean them (``pre_caption``, ``pre_question``),
-    so stage 2 and VQA feed the LLM the text forms it was warmed up on. Examples: every caption
-    (English and Chinese); every caption followed by another caption of the same image (the model
-    learns to restate what its context describes, as stage 2 asks of the image queries); every
-    "Question: q Short answer:" prompt with its answer, alone, after the longest (most complete)
-    caption of its image and after a random one (the model learns to answer from its context, as a
-    pretrained LLM reads a passage)."""
-    rng = random.Random(0)
+@dataclasses.dataclass
+class ImageText:
+    """The cleaned text of one train image: its captions and its (prompt, answer) pairs."""
+
+    captions: list[str]
+    qa: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def longest(self) -> str:
+        return max(self.captions, key=len)  # the most complete description
+
+
+def train_texts(shapes_root: str | Path) -> dict[str, ImageText]:
+    """Per train image: captions cleaned as ``pre_caption`` cleans them, questions as ``pre_question``
+    inside the VQA prompt, the majority answer; so stage 2 and VQA feed the LLM the text forms it
+    was warmed up on."""
     annotations = Path(shapes_root) / "annotations"
-    captions: dict[str, list[str]] = {}
+    texts: dict[str, ImageText] = {}
     for record in json.loads((annotations / "caption_train.json").read_text()):
-        captions.setdefault(record["image"], []).append(pre_caption(record["caption"]) + "\n")
-    chinese = json.loads((annotations / "caption_cn_train.json").read_text())
-    corpus = [[pre_caption(r["caption"]) + "\n"] for r in chinese]
-    for caps in captions.values():
-        for i, caption in enumerate(caps):
-            corpus += [[caption], [caption, caps[(i + 1) % len(caps)]]]
+        texts.setdefault(record["image"], ImageText([])).captions.append(pre_caption(record["caption"]))
     for record in json.loads((annotations / "vqa_train.json").read_text()):
         answer = max(set(record["answer"]), key=record["answer"].count)
-        qa = [ANSWER_PROMPT.format(pre_question(record["question"])), answer + "\n"]
-        caps = captions[record["image"]]
-        corpus += [qa, [max(caps, key=len), *qa], [rng.choice(caps), *qa]]
+        texts[record["image"]].qa.append((ANSWER_PROMPT.format(pre_question(record["question"])), answer))
+    return texts
+
+
+def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
+    """The text half of the warm-up. An example is a list of segments, encoded as Blip2LLM encodes
+    its sequences: a segment ending in a newline (the end-of-answer text) as a caption/answer
+    target, any other as a prompt. Examples: every caption (English and Chinese); every caption
+    followed by another caption of the same image (the model learns to restate what its context
+    describes, as stage 2 asks of the image queries); every "Question: q Short answer:" prompt with
+    its answer alone, then three times after the longest caption of its image and three times after
+    a random one (the model learns to answer from its context, as a pretrained LLM reads a passage)."""
+    rng = random.Random(0)
+    chinese = json.loads((Path(shapes_root) / "annotations" / "caption_cn_train.json").read_text())
+    corpus = [[pre_caption(r["caption"]) + "\n"] for r in chinese]
+    for text in train_texts(shapes_root).values():
+        captions = [caption + "\n" for caption in text.captions]
+        for i, caption in enumerate(captions):
+            corpus += [[caption], [caption, captions[(i + 1) % len(captions)]]]
+        for prompt, answer in text.qa:
+            qa = [prompt, answer + "\n"]
+            corpus.append(qa)
+            for _ in range(QA_IN_CONTEXT_REPEATS):
+                corpus += [[max(captions, key=len), *qa], [rng.choice(captions), *qa]]
     return corpus
+
+
+
+class CaptionEncoder(nn.Module):
+    """Warm-up only, then thrown away: a caption's token embeddings -> ``num_vectors`` context vectors
+    (one transformer layer, then learned queries attending to it). The LLM learns to read the
+    vectors in place of the caption, so it arrives at stage 2 able to read a context that is not
+    tokens, as a pretrained LLM reads BLIP-2's image queries."""
+
+    def __init__(self, hidden: int, num_heads: int, num_vectors: int, max_len: int = 128):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(max_len, hidden) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(hidden, num_heads, 2 * hidden, dropout=0.0, batch_first=True)
+        self.queries = nn.Parameter(torch.randn(num_vectors, hidden) * 0.02)
+        self.pool = nn.MultiheadAttention(hidden, num_heads, batch_first=True)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, embeds: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """embeds [B, L, H], padding [B, L] (True = pad) -> [B, num_vectors, H]."""
+        x = self.layer(embeds + self.position[: embeds.shape[1]], src_key_padding_mask=padding)
+        pooled, _ = self.pool(self.queries.expand(len(x), -1, -1), x, x, key_padding_mask=padding)
+        return self.out(pooled)
 
 
 def encode_example(backbone: LLMBackbone, tokenizer, segments: list[str]) -> list[int]:
@@ -129,7 +177,9 @@ def build_tiny_internlm2(shapes_root: str | Path, out_dir: str | Path, spec: Tin
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(internlm2_config_to_llama(official))
     backbone = InternLM2Backbone()
-    warm_up(model, [encode_example(backbone, tokenizer, example) for example in corpus], spec)
+    sequences = [encode_example(backbone, tokenizer, example) for example in corpus]
+    warm_up(model, sequences, context_examples(backbone, tokenizer, train_texts(shapes_root)),
+            backbone.bos_token_id(tokenizer), spec)
     save_internlm2(model, tokenizer, tmp)
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     if out.exists():
@@ -141,26 +191,89 @@ def build_tiny_internlm2(shapes_root: str | Path, out_dir: str | Path, spec: Tin
     return out
 
 
-def warm_up(model: torch.nn.Module, sequences: list[list[int]], spec: TinyLLMSpec) -> None:
-    """Next-token training on token ``sequences``, padding masked out of the loss."""
+@dataclasses.dataclass
+class ContextExample:
+    """One train image for the context half of the warm-up, as token ids: the caption the
+    ``CaptionEncoder`` reads and the (prompt, target) pairs the LLM may be asked after it."""
+
+    source: list[int]
+    restate: list[int]  # the source caption as a target
+    targets: list[tuple[list[int], list[int]]]  # every caption (empty prompt) and question-answer pair
+
+
+def context_examples(backbone: LLMBackbone, tokenizer, texts: dict[str, ImageText]) -> list[ContextExample]:
+    examples = []
+    for text in texts.values():
+        targets = [([], backbone.encode_answer(tokenizer, caption)) for caption in text.captions]
+        targets += [(backbone.encode(tokenizer, prompt), backbone.encode_answer(tokenizer, answer))
+                    for prompt, answer in text.qa]
+        examples.append(ContextExample(backbone.encode(tokenizer, text.longest),
+                                       backbone.encode_answer(tokenizer, text.longest), targets))
+    return examples
+
+
+def _pad(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L] (pad id 0, never a target) and the attention mask."""
+    length = max(len(ids) for ids in sequences)
+    ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in sequences])
+    mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in sequences])
+    return ids, mask
+
+
+def _text_loss(model: nn.Module, sequences: list[list[int]]) -> torch.Tensor:
+    """Next-token loss on every token of ``sequences``."""
+    ids, mask = _pad(sequences)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = ids.masked_fill(mask == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _context_loss(model: nn.Module, encoder: CaptionEncoder, bos: int, sources: list[list[int]],
+                  pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """``[bos] + encoder(source) + prompt + target``, the layout of Blip2LLM with the vectors in the
+    place of the image queries; loss on the targets only."""
+    embed = model.get_input_embeddings()
+    source, source_mask = _pad(sources)
+    vectors = encoder(embed(source), source_mask == 0)
+    ids, mask = _pad([prompt + target for prompt, target in pairs])
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, (prompt, _) in enumerate(pairs):
+        labels[row, : len(prompt)] = -100
+    k = vectors.shape[1]
+    inputs = torch.cat([embed(torch.full((len(pairs), 1), bos)), vectors, embed(ids)], 1)
+    attention = torch.cat([torch.ones(len(pairs), 1 + k, dtype=mask.dtype), mask], 1)
+    logits = model(inputs_embeds=inputs, attention_mask=attention).logits[:, k:-1]
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def warm_up(model: nn.Module, sequences: list[list[int]], examples: list[ContextExample], bos: int,
+            spec: TinyLLMSpec) -> None:
+    """Next-token training; of each batch, ``spec.context_fraction`` are train images read through a
+    ``CaptionEncoder`` trained with the LLM, the rest are text ``sequences``. An image's target is,
+    with ``spec.restate_fraction``, the encoded caption itself (a strong signal that makes the LLM
+    read the vectors at all), else one of its captions or answers (what stage 2 and VQA ask of the
+    image queries)."""
     rng = random.Random(spec.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    encoder = CaptionEncoder(spec.hidden_size, spec.num_heads, spec.context_vectors)
+    optimizer = torch.optim.AdamW([*model.parameters(), *encoder.parameters()], lr=spec.lr, weight_decay=0.0)
+    n_context = round(spec.batch_size * spec.context_fraction)
     model.train()
     for step in range(spec.warmup_steps):
-        batch = rng.sample(sequences, spec.batch_size)
-        length = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in batch])
-        mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in batch])
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-        labels = input_ids.masked_fill(mask == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        text_loss = _text_loss(model, rng.sample(sequences, spec.batch_size - n_context))
+        context_loss = torch.zeros(())
+        if n_context:
+            images = rng.sample(examples, n_context)
+            pairs = [([], ex.restate) if rng.random() < spec.restate_fraction else rng.choice(ex.targets)
+                     for ex in images]
+            context_loss = _context_loss(model, encoder, bos, [ex.source for ex in images], pairs)
         for group in optimizer.param_groups:  # cosine decay to 0
             group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.warmup_steps))
         optimizer.zero_grad()
-        loss.backward()
+        (text_loss + context_loss).backward()
         optimizer.step()
         if step % 100 == 0 or step == spec.warmup_steps - 1:
-            logger.info("tiny LLM warm-up step %d: loss %.3f", step, loss.item())
+            logger.info("tiny LLM warm-up step %d: text loss %.3f, context loss %.3f", step, text_loss.item(),
+                        context_loss.item())
     model.eval()
 
 

@@ -1,13 +1,17 @@
 """The tiny InternLM2 stand-in: its warm-up corpus speaks the text forms the pipeline feeds it, its
 sequences are the ones Blip2LLM builds, and the built model is cached."""
+import collections
 import json
 
+import pytest
 import torch
 
 from lavis_lite.data.processors import pre_caption, pre_question
 from lavis_lite.models import create_model
 from lavis_lite.models.llm.internlm2_backbone import InternLM2Backbone
-from lavis_lite.models.llm.tiny import ANSWER_PROMPT, TinyLLMSpec, build_tiny_internlm2, encode_example, shapes_corpus
+from lavis_lite.models.llm.tiny import (ANSWER_PROMPT, QA_IN_CONTEXT_REPEATS, CaptionEncoder, TinyLLMSpec,
+                                        _context_loss, build_tiny_internlm2, context_examples, encode_example,
+                                        shapes_corpus, train_texts)
 
 QUICK = TinyLLMSpec(vocab_size=500, hidden_size=32, num_heads=2, num_kv_heads=1, warmup_steps=3, batch_size=4)
 
@@ -24,17 +28,63 @@ def test_corpus_uses_the_processed_train_text(shapes_root):
 
     corpus = shapes_corpus(shapes_root)
     qa = [ex for ex in corpus if any(s in prompts for s in ex)]
-    assert len(qa) == 3 * len(vqa)  # per question: alone, after the longest caption, after a random one
-    for record, group in zip(vqa, [qa[i : i + 3] for i in range(0, len(qa), 3)]):
-        image_captions = captions[record["image"]]
-        qa_pair = [ANSWER_PROMPT.format(pre_question(record["question"])),
-                   max(set(record["answer"]), key=record["answer"].count) + "\n"]
-        assert group[0] == qa_pair
-        assert group[1] == [max(image_captions, key=len), *qa_pair]
-        assert group[2][1:] == qa_pair and group[2][0] in image_captions
+    # per question: alone, then QA_IN_CONTEXT_REPEATS times after the longest caption and after a random one
+    assert len(qa) == (1 + 2 * QA_IN_CONTEXT_REPEATS) * len(vqa)
+    counts = collections.Counter(tuple(ex) for ex in qa)
+    contexts = collections.defaultdict(set)  # (prompt, answer) -> captions of the images asked it
+    for record in vqa:
+        qa_pair = (ANSWER_PROMPT.format(pre_question(record["question"])),
+                   max(set(record["answer"]), key=record["answer"].count) + "\n")
+        assert counts[qa_pair] >= 1
+        assert counts[(max(captions[record["image"]], key=len), *qa_pair)] >= QA_IN_CONTEXT_REPEATS
+        contexts[qa_pair] |= captions[record["image"]]
+    assert all(ex[0] in contexts[tuple(ex[1:])] for ex in qa if len(ex) == 3)
     pairs = [ex for ex in corpus if len(ex) == 2 and ex[1] in all_captions]
     assert pairs and all(ex[0] != ex[1] and any({ex[0], ex[1]} <= c for c in captions.values()) for ex in pairs)
     assert all(segment in prompts or segment.endswith("\n") for ex in corpus for segment in ex)
+
+
+def test_context_examples_read_the_longest_caption_and_target_every_caption_and_answer(shapes_root, tmp_path):
+    llm_dir = build_tiny_internlm2(shapes_root, tmp_path / "llm", QUICK)
+    backbone = InternLM2Backbone()
+    tokenizer = backbone.load_tokenizer(str(llm_dir))
+    texts = train_texts(shapes_root)
+    examples = context_examples(backbone, tokenizer, texts)
+    images = {r["image"] for r in json.loads((shapes_root / "annotations" / "caption_train.json").read_text())}
+    assert len(examples) == len(texts) == len(images)
+    text, example = next(iter(texts.values())), examples[0]
+    stop = backbone.stop_token_id(tokenizer)
+    assert tokenizer.decode(example.source) == max(text.captions, key=len)
+    assert example.restate == example.source + [stop]
+    assert [tokenizer.decode(t[:-1]) for p, t in example.targets if not p] == text.captions
+    asked = [(tokenizer.decode(p), tokenizer.decode(t[:-1])) for p, t in example.targets if p]
+    assert asked == text.qa and all(t[-1] == stop for _, t in example.targets)
+
+
+def test_context_loss_is_the_target_tokens_cross_entropy_after_bos_and_vectors():
+    """Checked against a per-token sum written out here: each target token's -log p after
+    [bos] + vectors + prompt + the target's preceding tokens; prompts and padding carry no loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    encoder = CaptionEncoder(16, 2, num_vectors=3).eval()
+    sources = [[5, 6, 7], [8, 9]]
+    pairs = [([10, 11], [12, 13, 2]), ([], [14, 2])]
+    loss = _context_loss(model, encoder, 1, sources, pairs)
+
+    embed = model.get_input_embeddings()
+    terms = []
+    with torch.no_grad():
+        for source, (prompt, target) in zip(sources, pairs):
+            vectors = encoder(embed(torch.tensor([source])), torch.zeros(1, len(source), dtype=torch.bool))[0]
+            for i, token in enumerate(target):
+                text = embed(torch.tensor(prompt + target[:i], dtype=torch.long))
+                inputs = torch.cat([embed(torch.tensor([1])), vectors, text])
+                log_probs = model(inputs_embeds=inputs[None]).logits[0, -1].log_softmax(-1)
+                terms.append(-log_probs[token])
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
 
 
 def test_warm_up_sequences_are_the_ones_blip2_llm_builds(shapes_root, tmp_path):
