@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 ANSWER_PROMPT = "Question: {} Short answer:"  # the VQA task's default prompt
 BUILDER_VERSION = 3  # bump on any change to the corpus or the training, so cached copies are rebuilt
-QA_IN_CONTEXT_REPEATS = 3  # copies of each question after a caption: answering from context is the skill VQA needs
+QA_IN_CONTEXT_REPEATS = 3  # answering from a context is what VQA asks, so it gets more weight
 
 
 @dataclasses.dataclass
@@ -83,8 +83,9 @@ def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
     target, any other as a prompt. Examples: every caption (English and Chinese); every caption
     followed by another caption of the same image (the model learns to restate what its context
     describes, as stage 2 asks of the image queries); every "Question: q Short answer:" prompt with
-    its answer alone, then three times after the longest caption of its image and three times after
-    a random one (the model learns to answer from its context, as a pretrained LLM reads a passage)."""
+    its answer alone, then ``QA_IN_CONTEXT_REPEATS`` times after the longest caption of its image and
+    as many times after a random one (the model learns to answer from its context, as a pretrained
+    LLM reads a passage)."""
     rng = random.Random(0)
     chinese = json.loads((Path(shapes_root) / "annotations" / "caption_cn_train.json").read_text())
     corpus = [[pre_caption(r["caption"]) + "\n"] for r in chinese]
@@ -96,9 +97,8 @@ def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
             qa = [prompt, answer + "\n"]
             corpus.append(qa)
             for _ in range(QA_IN_CONTEXT_REPEATS):
-                corpus += [[max(captions, key=len), *qa], [rng.choice(captions), *qa]]
+                corpus += [[text.longest + "\n", *qa], [rng.choice(captions), *qa]]
     return corpus
-
 
 
 class CaptionEncoder(nn.Module):
