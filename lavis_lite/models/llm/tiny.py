@@ -202,6 +202,7 @@ class ContextExample:
 
 
 def context_examples(backbone: LLMBackbone, tokenizer, texts: dict[str, ImageText]) -> list[ContextExample]:
+    """One ``ContextExample`` per image of ``texts``, its longest caption as the source."""
     examples = []
     for text in texts.values():
         targets = [([], backbone.encode_answer(tokenizer, caption)) for caption in text.captions]

@@ -1,5 +1,6 @@
 """The tiny InternLM2 stand-in: its warm-up corpus speaks the text forms the pipeline feeds it, its
-sequences are the ones Blip2LLM builds, and the built model is cached."""
+sequences are the ones Blip2LLM builds, the context half reads the right captions and scores only
+the targets, and the built model is cached."""
 import collections
 import json
 
