@@ -18,6 +18,7 @@ setup(
         "tokenizers>=0.22",
         "pycocotools>=2.0.8",
         "pycocoevalcap>=1.2",
+        "jieba==0.42.1",  # Chinese word-level caption metrics: the dictionary is part of the metric
         "pillow>=10",
         "numpy>=1.26",
         "webdataset>=0.2.100",

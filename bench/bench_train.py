@@ -21,7 +21,7 @@ bf16; reported on CUDA, or on CPU when the flag is given).
 Sizes:
 - ``tiny``: the CPU test models (``model_type: tiny``: 2-block ViT width 64 at 64 px, 2-layer Q-Former
   hidden 64 with 4 queries, the warmed tiny InternLM2 in float32); stage 1 trains the ViT, as
-  ``projects/blip2/train/pretrain_stage1.yaml``.
+  ``projects/blip2/train/pretrain_stage1_shapes.yaml``.
 - ``small``: the tiny ViT, the real Q-Former (BERT-base: 12 layers, hidden 768, 32 queries, max_txt_len
   32, a 30,523-token vocabulary) and, in stage 2, InternLM2-1.8B cut to 2 of its 24 layers (bf16).
 - ``real``: ViT-g (``eva_clip_g``, 39 blocks, 224 px, frozen) + BERT-base Q-Former (32 queries) +

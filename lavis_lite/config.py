@@ -7,6 +7,7 @@ Each default lives once, in a dataclass beside the code that uses it; YAML holds
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -58,7 +59,9 @@ class RunConfig:
     beta2: float = 0.999
     accum_grad_iters: int = 1
     max_grad_norm: Optional[float] = None
-    amp: bool = False  # autocast on GPU
+    # steps whose loss or gradients are inf/nan that may be skipped (each logged) before the run stops
+    max_nonfinite_steps: int = 0
+    amp: bool = False  # autocast on GPU (a warning on CPU, where it does nothing)
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
     fused_adamw: bool = True  # fused AdamW kernels (CUDA and CPU)
     # loop
@@ -77,6 +80,9 @@ class RunConfig:
     freeze: list[str] = dataclasses.field(default_factory=list)  # parameter-name prefixes to freeze
     # output and checkpoints
     output_dir: str = "output/run"
+    # a new run into an output_dir that holds another run's log or checkpoints is refused; true moves
+    # that run's files into <output_dir>/previous/<time>/ first (nothing is deleted)
+    overwrite: bool = False
     log_freq: int = 10
     save_freq_epochs: int = 1  # 0: no per-epoch checkpoint
     save_every_n_steps: int = 0  # 0: off
@@ -232,17 +238,78 @@ def split_run_config(run_node: Any, task_schema: type | None, sources: Sources |
     """Validate ``run:``: runner keys against RunConfig, the rest against the task's dataclass."""
     run_node = OmegaConf.create({} if run_node is None else run_node)
     runner_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    task_keys = {f.name for f in dataclasses.fields(task_schema)} if task_schema is not None else set()
+    for key in run_node:
+        if key not in runner_keys | task_keys:
+            origin = sources.origin(f"run.{key}") if sources else "the given config"
+            task = run_node.get("task", RunConfig.task)
+            raise ConfigError(f"run.{key} (set in {origin}) is not a key of the runner or of task {task!r}"
+                              f"{did_you_mean(str(key), runner_keys | task_keys, 'run.') or '.'} Runner keys: "
+                              f"{', '.join(sorted(runner_keys))}; task keys: {', '.join(sorted(task_keys)) or 'none'}.")
     runner_part = {k: v for k, v in run_node.items() if k in runner_keys}
     task_part = {k: v for k, v in run_node.items() if k not in runner_keys}
     run_cfg = merge_onto(RunConfig, runner_part, "run", sources)
+    check_run_config(run_cfg, sources)
     if task_schema is None:
-        if task_part:
-            key = next(iter(task_part))
-            origin = sources.origin(f"run.{key}") if sources else "the given config"
-            raise ConfigError(f"run.{key} (set in {origin}) is not a runner key and task "
-                              f"{run_cfg.task!r} takes no options; valid: {sorted(runner_keys)}")
         return run_cfg, None
     return run_cfg, merge_onto(task_schema, task_part, "run", sources)
+
+
+def did_you_mean(key: str, known: Any, prefix: str = "") -> str:
+    """``"; did you mean run.max_epoch?"`` for the closest of ``known``, or ``""``."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def check_run_config(cfg: RunConfig, sources: Sources | None = None) -> None:
+    """Ranges and combinations of ``run:`` keys, checked before any heavy work."""
+    def origin(key: str) -> str:
+        return f"run.{key}={getattr(cfg, key)!r} (set in {sources.origin(f'run.{key}') if sources else 'the config'})"
+
+    at_least = {"batch_size_train": 1, "batch_size_eval": 1, "accum_grad_iters": 1, "log_freq": 1, "num_workers": 0,
+                "save_freq_epochs": 0, "save_every_n_steps": 0, "keep_last_k": 1, "warmup_steps": 0,
+                "max_nonfinite_steps": 0, "max_iters": 0, "iters_per_inner_epoch": 0, "sample_captions_every": 0,
+                "sample_captions_count": 1}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"{origin(key)}: it must be >= {low}")
+    for key in ("init_lr", "dist_timeout_minutes"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{origin(key)}: it must be > 0")
+    for key in ("min_lr", "warmup_lr", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{origin(key)}: it must be >= 0")
+    if not 0 <= cfg.beta2 < 1:
+        raise ConfigError(f"{origin('beta2')}: it must be in [0, 1)")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise ConfigError(f"{origin('max_grad_norm')}: it must be > 0 (or null for no clipping)")
+    if cfg.runner == "runner_iter":
+        if cfg.max_iters <= 0 or cfg.iters_per_inner_epoch <= 0:
+            raise ConfigError("run.runner=runner_iter needs run.max_iters and run.iters_per_inner_epoch > 0")
+    else:
+        for key in ("max_iters", "iters_per_inner_epoch"):
+            if getattr(cfg, key):
+                raise ConfigError(f"{origin(key)} applies to run.runner=runner_iter only, and run.runner is "
+                                  f"{cfg.runner!r} (run.max_epoch={cfg.max_epoch} passes): set run.runner=runner_iter "
+                                  f"or remove run.{key}")
+        if cfg.max_epoch < 1 and not cfg.evaluate:
+            raise ConfigError(f"{origin('max_epoch')}: it must be >= 1")
+    if cfg.save_every_n_steps % cfg.accum_grad_iters:
+        raise ConfigError(f"run.save_every_n_steps={cfg.save_every_n_steps} must be a multiple of "
+                          f"run.accum_grad_iters={cfg.accum_grad_iters} so no checkpoint splits an accumulation")
+    if not cfg.evaluate:
+        check_writable(cfg.output_dir)
+
+
+def check_writable(output_dir: str) -> None:
+    """``run.output_dir`` is, or can be created as, a folder this process may write into."""
+    path = Path(output_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.output_dir={output_dir}: that is a file, not a folder; choose another run.output_dir")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"run.output_dir={output_dir}: {existing} is not writable by this user; choose a "
+                          "run.output_dir you can write to")
 
 
 def to_yaml(cfg: Any) -> str:

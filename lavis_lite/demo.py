@@ -4,8 +4,8 @@
 
 (a) the tiny InternLM2 stand-in for a pretrained LLM: warm-up on the shapes captions and
 question-answer text only (cached under ``$LAVIS_LITE_CACHE/tiny_internlm2``, so a second run skips it);
-(b) stage 1 (``projects/blip2/train/pretrain_stage1.yaml``); (c) stage 2 on captions only, from
-stage 1's best checkpoint (``pretrain_stage2.yaml``); (d) zero-shot VQA on the held-out test split
+(b) stage 1 (``projects/blip2/train/pretrain_stage1_shapes.yaml``); (c) stage 2 on captions only, from
+stage 1's best checkpoint (``pretrain_stage2_shapes.yaml``); (d) zero-shot VQA on the held-out test split
 (``projects/blip2/eval/vqa_shapes_zeroshot.yaml``). Two baselines answer the same questions and are
 scored by the same official VQA accuracy: the most frequent training answer of each question type,
 and the LLM alone, without the image (``model.text_only=true``). Each step runs as the user would
@@ -31,7 +31,7 @@ from lavis_lite.tasks import vqa_eval
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE1, STAGE2 = "projects/blip2/train/pretrain_stage1.yaml", "projects/blip2/train/pretrain_stage2.yaml"
+STAGE1, STAGE2 = "projects/blip2/train/pretrain_stage1_shapes.yaml", "projects/blip2/train/pretrain_stage2_shapes.yaml"
 VQA = "projects/blip2/eval/vqa_shapes_zeroshot.yaml"
 SPLIT = "test"  # held out: stage 1 and 2 pick their best checkpoints on val
 METRICS = ("agg_metrics", "yes/no", "number", "other")
@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shapes = ensure_shapes()  # (a) the data, then the LLM stand-in; both cached
     build_tiny_internlm2(shapes, cache_dir() / "tiny_internlm2")
     stage1, stage2 = out / "stage1", out / "stage2"
+    # a rerun moves the previous demo's stage files into <stage>/previous/<time>/ (run.overwrite)
     run_step("lavis_lite.train", STAGE1, [f"run.output_dir={stage1}", f"run.max_epoch={args.stage1_epochs}",
-                                          *args.options])
+                                          "run.overwrite=true", *args.options])
     checkpoint1, checkpoint2 = stage1 / "checkpoint_best.pth", stage2 / "checkpoint_best.pth"
     run_step("lavis_lite.train", STAGE2, [f"run.output_dir={stage2}", f"run.max_epoch={args.stage2_epochs}",
-                                          f"model.pretrained={checkpoint1}", *args.options])
+                                          f"model.pretrained={checkpoint1}", "run.overwrite=true", *args.options])
     evaluation = [f"model.pretrained={checkpoint1}", f"model.finetuned={checkpoint2}", f"run.test_splits=[{SPLIT}]",
                   *args.options]
     run_step("lavis_lite.evaluate", VQA, [f"run.output_dir={out / 'vqa'}", *evaluation])

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = runner.evaluate(runner.cfg.test_splits or runner.cfg.valid_splits)
         if dist.is_main_process():
             print(json.dumps(metrics, indent=2))
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     finally:
         dist.destroy_distributed()
 

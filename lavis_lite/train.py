@@ -36,12 +36,16 @@ def build_runner(argv: list[str] | None, evaluate: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lavis_lite.runner.runner import NonFiniteError
+
     try:
         runner = build_runner(argv, evaluate=False)
     except (ConfigError, FileNotFoundError, KeyError) as err:
         sys.exit(f"error: {err}")
     try:
         runner.train()
+    except (ConfigError, NonFiniteError) as err:  # found late (a metric, a diverging run): still one line
+        sys.exit(f"error: {err}")
     finally:
         dist.destroy_distributed()
 

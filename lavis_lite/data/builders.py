@@ -10,15 +10,19 @@ set to null (``build_info.annotations.<split>=null``) is left out, e.g. to evalu
 downloading the training files. The shapes builders first generate their data (rank 0, behind a
 barrier) if it is not there yet. ``laion_wds`` / ``image_text_wds`` build a training-only
 ``ImageTextShards`` (lavis_lite/data/webdataset.py) from local webdataset tar shards.
+
+After building, ``build_datasets`` warns when an evaluation split's images also appear in a training
+split of any configured data set (``warn_eval_overlap``), since its scores on them are not held out.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from torch.utils.data import Dataset
 
@@ -34,7 +38,7 @@ from lavis_lite.data.datasets import (
     VQAEvalDataset,
 )
 from lavis_lite.data.processors import build_processor
-from lavis_lite.data.shapes import ShapesSpec, ensure_shapes
+from lavis_lite.data.shapes import ShapesRootError, ShapesSpec, ensure_shapes
 from lavis_lite.data.webdataset import ImageTextShards, expand_shards
 from lavis_lite.registry import DATASETS
 
@@ -69,6 +73,9 @@ class DatasetConfig:
     )
     sample_ratio: float = 1.0  # weight of this data set's train split when several are mixed
     skip_bad_images: bool = False  # see lavis_lite/data/datasets.py for what skipping does
+    # caption data: text before each caption, in its language (e.g. "a photo of", "这张图片里有"); None: model.prompt
+    prompt: Optional[str] = None
+    language: Optional[Literal["en", "zh"]] = None  # caption data: the language it is scored in; None: run.language
 
 
 @dataclasses.dataclass
@@ -80,6 +87,7 @@ class DatasetBuilder:
     """Builds the splits of one data set from its validated config."""
 
     config_class: ClassVar[type[DatasetConfig]] = DatasetConfig
+    overlap_note: ClassVar[str] = ""  # why eval images may have been trained on, added to warn_eval_overlap's warning
     train_class: ClassVar[type[ImageDataset]]
     eval_class: ClassVar[type[ImageDataset]]
 
@@ -100,6 +108,9 @@ class DatasetBuilder:
                               f"{self.name}'s annotation files and images")
         storage = Path(info.storage).expanduser()
         self.prepare(storage)
+        if not storage.is_dir():
+            raise ConfigError(f"{self.key}.build_info.storage={info.storage!r}: no folder at {storage}; set it to the "
+                              f"folder holding {self.name}'s annotation files and images")
         image_root = storage / info.images
         if not image_root.is_dir():
             raise ConfigError(f"{self.key}.build_info.images: no image folder at {image_root}; set "
@@ -112,15 +123,22 @@ class DatasetBuilder:
             stage: (self._processor("vis_processor", stage), self._processor("text_processor", stage))
             for stage in {"train" if split == "train" else "eval" for split in annotations}
         }
-        common = dict(name=self.name, skip_bad_images=self.cfg.skip_bad_images, sample_ratio=self.cfg.sample_ratio)
+        common = dict(name=self.name, skip_bad_images=self.cfg.skip_bad_images, sample_ratio=self.cfg.sample_ratio,
+                      prompt=self.cfg.prompt, language=self.cfg.language)
         splits: dict[str, Dataset] = {}
         for split, paths in annotations.items():
             files = self._files(storage, paths, f"annotations.{split}")
             vis, text = processors["train" if split == "train" else "eval"]
-            if split == "train":
-                splits[split] = self.train_class(files, image_root, vis, text, **common)
-            else:
-                splits[split] = self.eval_class(files, image_root, vis, text, **common, **self.eval_files(storage, split))
+            cls = self.train_class if split == "train" else self.eval_class
+            extra = {} if split == "train" else self.eval_files(storage, split)
+            try:
+                splits[split] = cls(files, image_root, vis, text, **common, **extra)
+            except ConfigError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError) as err:  # bad data; programming errors propagate
+                raise ConfigError(f"{self.key}: cannot build split {split!r} from {', '.join(map(str, files))} "
+                                  f"({type(err).__name__}: {err}); fix the file or set "
+                                  f"{self.key}.build_info.annotations.{split}") from err
             logger.info("%s/%s: %d samples", self.name, split, len(splits[split]))
         return splits
 
@@ -189,11 +207,15 @@ class ShapesMixin:
 
     def prepare(self, storage: Path) -> None:
         if dist.is_main_process():
-            ensure_shapes(storage, **dataclasses.asdict(self.cfg.generator))
+            try:
+                ensure_shapes(storage, **dataclasses.asdict(self.cfg.generator))
+            except ShapesRootError as err:
+                raise ConfigError(f"{self.key}.build_info.storage: {err}") from None
         dist.barrier()
 
     def missing_hint(self, storage: Path) -> str:
-        return f" (shapes data: delete {storage} and it is generated again)"
+        return (f" (shapes data: point {self.key}.build_info.storage at a new folder and the data set is "
+                "generated there)")
 
 
 class NoCapsBuilder(CaptionBuilder):
@@ -338,6 +360,7 @@ def build_datasets(datasets_node: Any, sources: Sources | None = None) -> dict[s
     """``{name: {split: Dataset}}`` for each data set under ``datasets:`` (with its
     ``configs/datasets/<name>.yaml`` defaults already merged in, as ``load_config`` does)."""
     out: dict[str, dict[str, Dataset]] = {}
+    notes: dict[str, str] = {}
     for name, node in (datasets_node or {}).items():
         try:
             builder_cls = DATASETS.get(name)
@@ -345,4 +368,55 @@ def build_datasets(datasets_node: Any, sources: Sources | None = None) -> dict[s
             raise ConfigError(f"datasets.{name}: {err.args[0]}") from None
         cfg = merge_onto(builder_cls.config_class, node, f"datasets.{name}", sources)
         out[name] = builder_cls(cfg, name, sources).build()
+        notes[name] = builder_cls.overlap_note
+    warn_eval_overlap(out, notes)
     return out
+
+
+# ------------------------------------------------------------------------------- Chinese captions
+# tools/convert_{coco_cn,flickr_cn,aic_caption,xm3600}.py write their files; configs/datasets/<name>.yaml
+# keep the Chinese as written (text_processor clean: whitespace).
+class CocoCNCaptionBuilder(CaptionBuilder):
+    overlap_note = ("COCO-CN's images come from COCO train2014 and val2014, which COCO-trained checkpoints "
+                    "such as BLIP-2's have seen")
+
+
+DATASETS.register("coco_cn_caption")(CocoCNCaptionBuilder)
+DATASETS.register("flickr8k_cn_caption")(CaptionBuilder)
+DATASETS.register("flickr30k_cn_caption")(CaptionBuilder)
+DATASETS.register("aic_caption")(CaptionBuilder)
+DATASETS.register("xm3600_zh_caption")(CaptionBuilder)
+
+
+# ----------------------------------------------------------------- evaluation images seen in training
+def image_paths(data: Dataset) -> set[str]:
+    """The resolved image paths of a data set's records; empty for one without a record list (shards)."""
+    annotation, root = getattr(data, "annotation", None), getattr(data, "image_root", None)
+    if annotation is None or root is None:
+        return set()
+    root = Path(root).resolve()
+    return {os.path.normpath(root / record["image"]) for record in annotation}
+
+
+def warn_eval_overlap(built: dict[str, dict[str, Dataset]], notes: dict[str, str] | None = None) -> None:
+    """Log one warning per evaluation split whose images (by resolved path) also appear in the train
+    split of any data set in ``built``, with the count and the train splits; ``notes[name]`` is added."""
+    train = {f"{name}/train": image_paths(splits["train"]) for name, splits in built.items() if "train" in splits}
+    train = {key: paths for key, paths in train.items() if paths}
+    if not train:
+        return
+    for name, splits in built.items():
+        for split, data in splits.items():
+            if split == "train":
+                continue
+            paths = image_paths(data)
+            shared = {key: paths & seen for key, seen in train.items()}
+            shared = {key: common for key, common in shared.items() if common}
+            if not shared:
+                continue
+            count = len(set().union(*shared.values()))
+            where = ", ".join(f"{len(common):,} in {key}" for key, common in shared.items())
+            note = (notes or {}).get(name)
+            logger.warning("%s/%s: %s of %s images also appear in the training annotations (%s), so its scores "
+                           "on them are not held out%s", name, split, f"{count:,}", f"{len(paths):,}", where,
+                           f"; {note}" if note else "")

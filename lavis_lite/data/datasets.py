@@ -115,20 +115,30 @@ class ImageDataset(Dataset):
         name: str = "dataset",
         skip_bad_images: bool = False,
         sample_ratio: float = 1.0,
+        prompt: str | None = None,
+        language: str | None = None,
     ):
         """``name``: the data set's key under ``datasets:`` (for error messages).
-        ``sample_ratio``: relative weight when several training sets are mixed (read by the runner)."""
+        ``sample_ratio``: relative weight when several training sets are mixed (read by the runner).
+        ``prompt``: caption data: the text before each caption (in training and generation), in the
+        captions' language; None leaves it to ``model.prompt``. ``language``: caption data: the
+        captions' language for scoring; None leaves it to ``run.language``."""
         paths = [ann_paths] if isinstance(ann_paths, (str, Path)) else list(ann_paths)
         self.ann_paths = [Path(p) for p in paths]
         self.image_root = Path(image_root)
         self.vis_processor, self.text_processor = vis_processor, text_processor
         self.name, self.skip_bad_images, self.sample_ratio = name, skip_bad_images, sample_ratio
+        self.prompt, self.language = prompt, language
         self.bad_image_count = 0  # in this process only; see the module docstring
         records = load_annotations(self.ann_paths, self.required, f"datasets.{name}.build_info.annotations")
         self.annotation = PackedRecords(self.prepare(records))
         self._image_size = getattr(vis_processor, "image_size", None)  # of the placeholder for a bad image
         logger.debug("%s: %d records (%d bytes) from %s", name, len(self.annotation),
                      self.annotation.nbytes, [str(p) for p in self.ann_paths])
+
+    def _prompt(self) -> dict[str, str]:
+        """``{"prompt": ...}`` for a sample when this data set sets a prompt, else {}."""
+        return {} if self.prompt is None else {"prompt": self.prompt}
 
     def prepare(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Records as stored; subclasses may reshape or index them here."""
@@ -181,17 +191,25 @@ class CaptionDataset(ImageDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record, image, bad = self.load(index)
         return {"image": image, "text_input": self.text_processor(record["caption"]),
-                "image_id": image_id_of(record), "bad_images": bad}
+                "image_id": image_id_of(record), "bad_images": bad, **self._prompt()}
 
     @staticmethod
     def collater(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch: image [B, 3, H, W]; text_input, image_id: lists; bad_images: int."""
+        """Batch: image [B, 3, H, W]; text_input, image_id: lists; bad_images: int; prompt: a list
+        (None where the sample's data set sets none) when any sample's data set sets one."""
         return {
             "image": torch.stack([s["image"] for s in samples]),
             "text_input": [s["text_input"] for s in samples],
             "image_id": [s["image_id"] for s in samples],
             "bad_images": sum(s["bad_images"] for s in samples),
+            **_prompts(samples),
         }
+
+
+def _prompts(samples: list[dict[str, Any]]) -> dict[str, list[str | None]]:
+    """``{"prompt": [...]}`` when a sample carries a data-set prompt (mixed data sets may differ), else {}."""
+    prompts = [s.get("prompt") for s in samples]
+    return {"prompt": prompts} if any(p is not None for p in prompts) else {}
 
 
 class CaptionEvalDataset(ImageDataset):
@@ -207,15 +225,16 @@ class CaptionEvalDataset(ImageDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record, image, bad = self.load(index)
-        return {"image": image, "image_id": image_id_of(record), "bad_images": bad}
+        return {"image": image, "image_id": image_id_of(record), "bad_images": bad, **self._prompt()}
 
     @staticmethod
     def collater(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch: image [B, 3, H, W]; image_id: list; bad_images: int."""
+        """Batch: image [B, 3, H, W]; image_id: list; bad_images: int; prompt as ``CaptionDataset``'s."""
         return {
             "image": torch.stack([s["image"] for s in samples]),
             "image_id": [s["image_id"] for s in samples],
             "bad_images": sum(s["bad_images"] for s in samples),
+            **_prompts(samples),
         }
 
 

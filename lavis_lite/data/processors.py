@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -211,6 +211,9 @@ def _check_max_words(max_words: int) -> None:
 class BlipCaptionConfig:
     prompt: str = ""  # prepended after cleaning, e.g. "a photo of "
     max_words: int = 50
+    # lavis: pre_caption (lowercase, .!"()*#:;~ -> space), for English; whitespace: only runs of
+    # whitespace -> one space, so Chinese keeps its Latin letters' case ("T恤", "NBA") and punctuation
+    clean: Literal["lavis", "whitespace"] = "lavis"
 
 
 @PROCESSORS.register("blip_caption")
@@ -222,6 +225,8 @@ class BlipCaptionProcessor:
         _check_max_words(self.cfg.max_words)
 
     def __call__(self, caption: str) -> str:
+        if self.cfg.clean == "whitespace":
+            return self.cfg.prompt + " ".join(caption.split()[:self.cfg.max_words])
         return self.cfg.prompt + pre_caption(caption, self.cfg.max_words)
 
 

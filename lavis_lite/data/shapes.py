@@ -431,24 +431,37 @@ def generate_shapes(root: str | Path, spec: ShapesSpec) -> Path:
     return root
 
 
+class ShapesRootError(ValueError):
+    """The generator was pointed at a path it may not write to; nothing was written."""
+
+
 def ensure_shapes(root: str | Path | None = None, **spec_fields: int) -> Path:
     """Generate the data set at ``root`` (default ``default_shapes_root()``) unless its manifest
     already matches ``ShapesSpec(**spec_fields)``; return the root.
 
-    Writes into a temporary sibling folder and renames it into place, so an interrupted run never
-    leaves half a data set behind.
+    Writes only into a path that does not exist yet (whose parent exists, unless it is the
+    default root), an empty folder, or a shapes data set written here before (an outdated one is
+    replaced); anything else raises ``ShapesRootError`` before a byte is written, so a user's
+    folder is never deleted. Writes into a temporary sibling folder and renames it into place,
+    so an interrupted run never leaves half a data set behind.
     """
     spec = ShapesSpec(**spec_fields)
-    root = Path(root) if root is not None else default_shapes_root()
+    default = default_shapes_root()
+    root = Path(root) if root is not None else default
     if _manifest_matches(root, spec):
         return root
+    ours = _is_ours(root)
+    _check_writable(root, ours, is_default=root.resolve() == default.resolve())
     root.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("generating the shapes data set at %s (%s)", root, spec)
+    logger.info("generating the shapes data set at %s (%s)%s", root, spec,
+                ", replacing our outdated one" if ours else "")
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         generate_shapes(tmp / "data", spec)
-        if root.exists():  # stale: move it aside first, as a folder can't be renamed onto another
+        if _is_ours(root):  # outdated: move it aside first, as a folder can't be renamed onto another
             root.rename(tmp / "old")
+        elif root.is_dir():
+            root.rmdir()  # empty, as checked above; fails rather than delete anything put there since
         try:
             (tmp / "data").rename(root)
         except OSError:  # another process finished first; keep its copy if it is the same spec
@@ -457,6 +470,31 @@ def ensure_shapes(root: str | Path | None = None, **spec_fields: int) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _check_writable(root: Path, ours: bool, is_default: bool) -> None:
+    """Raise ``ShapesRootError`` unless ``root`` is ours, an empty folder, or may be created."""
+    default = f"leave it at the default ({default_shapes_root()})"
+    if root.is_dir():
+        if not ours and any(root.iterdir()):
+            raise ShapesRootError(f"{root} is not empty and is not a shapes data set written by lavis_lite (no shapes "
+                                  f"manifest.json), so it is left untouched; point it at a new or empty folder (the "
+                                  f"data set is generated there), or {default}")
+    elif root.exists() or root.is_symlink():
+        raise ShapesRootError(f"{root} exists and is not a folder, so it is left untouched; point it at a new or "
+                              f"empty folder, or {default}")
+    elif not root.parent.is_dir() and not is_default:
+        raise ShapesRootError(f"cannot create {root}: its parent folder {root.parent} does not exist (a typo?); "
+                              f"fix the path or create {root.parent} first, or {default}")
+
+
+def _is_ours(root: Path) -> bool:
+    """Whether ``root`` holds a shapes data set written by this generator (any version or spec)."""
+    try:
+        found = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and set(found) >= {"generator_version", "counts"}
 
 
 def _manifest_matches(root: Path, spec: ShapesSpec) -> bool:
@@ -474,7 +512,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = ensure_shapes(args.out, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesSpec)})
+    try:
+        root = ensure_shapes(args.out, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesSpec)})
+    except ShapesRootError as err:
+        parser.error(f"--out: {err}")
     logger.info("shapes data set ready at %s", root)
 
 

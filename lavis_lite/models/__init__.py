@@ -4,61 +4,136 @@ The LAVIS verbs keep their meaning: ``load_model``, ``load_model_and_preprocess`
 """
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from lavis_lite.config import available_model_types, load_yaml, model_config_path
+from lavis_lite.config import CONFIG_ROOT, Sources, available_model_types, load_yaml, merge_onto, model_config_path
 from lavis_lite.models import blip2_llm  # noqa: F401  (registers blip2_opt, blip2_internlm, blip2_qwen2, blip2_llm)
 from lavis_lite.models import blip2_qformer  # noqa: F401  (registers blip2, blip2_feature_extractor, ...)
 from lavis_lite.models import bow_tagger  # noqa: F401  (registers bow_tagger)
-from lavis_lite.models.base import BaseModel
+from lavis_lite.models.base import BaseModel, read_checkpoint
 from lavis_lite.registry import MODELS
 
 __all__ = ["BaseModel", "create_model", "load_model", "load_model_and_preprocess", "model_zoo"]
 
+logger = logging.getLogger(__name__)
 
-def _model_node(name: str, model_type: str, overrides: dict[str, Any] | None) -> Any:
+
+def _defaults(name: str, model_type: str) -> DictConfig:
+    """``configs/models/<name>/<model_type>.yaml``, ``preprocess`` section included."""
     path = model_config_path(name, model_type)
     if not path.is_file():
         raise KeyError(f"{name!r} has no model type {model_type!r} (no {path}); "
                        f"choose one of {available_model_types(name)}")
-    node = load_yaml(path, f"model {name}/{model_type}")
+    return load_yaml(path, f"model {name}/{model_type}")
+
+
+def _model_node(name: str, model_type: str, *layers: tuple[str, Any]) -> DictConfig:
+    """The model type's defaults with each ``(origin, node)`` of ``layers`` merged over them (later wins),
+    validated against the arch's config dataclass: an unknown key or bad value names its origin."""
+    node = _defaults(name, model_type)
+    node.pop("preprocess", None)
+    sources = Sources()
+    sources.add(str(model_config_path(name, model_type)), OmegaConf.create({"model": node}))
+    for origin, layer in layers:
+        layer = OmegaConf.create(_plain(layer or {}))
+        sources.add(origin, OmegaConf.create({"model": layer}))
+        node = OmegaConf.merge(node, layer)
     node.arch, node.model_type = name, model_type
-    return OmegaConf.merge(node, overrides or {})
+    merge_onto(MODELS.get(name).config_class, node, "model", sources)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    """Keyword overrides as OmegaConf takes them: paths as strings, nested dicts kept."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _exists(path: str) -> bool:
+    """As the loaders resolve paths: from the working directory, then (relative ones) from the checkout."""
+    return Path(path).exists() or (not Path(path).is_absolute() and (CONFIG_ROOT.parent / path).exists())
+
+
+def _stored_model_config(config_yaml: str | None, name: str, checkpoint: str | Path,
+                         overrides: dict[str, Any]) -> DictConfig | None:
+    """The ``model:`` section a runner checkpoint was trained with, without its arch and model type, if
+    that arch shares ``name``'s config class (``blip2`` -> ``blip2_feature_extractor``); else None: a
+    checkpoint without a stored config (LAVIS's) or of another family (stage 1 into a stage-2 arch),
+    which loads into the model type's defaults as before.
+
+    The stored ``pretrained``, ``vit_pretrained``, ``llm_path``, ... give the parts the checkpoint does
+    not hold (frozen ones), so each must still exist unless ``overrides`` replaces it.
+    """
+    run_config = OmegaConf.create(config_yaml) if config_yaml else None
+    stored = run_config.get("model") if isinstance(run_config, DictConfig) else None
+    if not isinstance(stored, DictConfig):
+        return None
+    trained_as, model_cls = stored.get("arch"), MODELS.get(name)
+    if trained_as not in MODELS or MODELS.get(trained_as).config_class is not model_cls.config_class:
+        logger.info("%s was trained as %s, not a %s model: its stored config is not used", checkpoint,
+                    trained_as, model_cls.config_class.__name__)
+        return None
+    for key in model_cls.path_keys:
+        value = stored.get(key)
+        if value and key not in overrides and not _exists(str(value)):
+            raise FileNotFoundError(f"{checkpoint} was trained with model.{key}={value}, which no longer exists; "
+                                    f"give its new location as load_model(..., {key}=...)")
+    logger.info("%s: building the model it was trained with (the stored config of %s/%s, as %s)",
+                checkpoint, trained_as, stored.get("model_type"), name)
+    return OmegaConf.masked_copy(stored, [k for k in stored if k not in ("arch", "model_type")])
 
 
 def create_model(name: str, model_type: str, **overrides: Any) -> BaseModel:
     """Build ``name``/``model_type`` from its default config; keyword overrides win."""
-    node = _model_node(name, model_type, overrides)
-    node.pop("preprocess", None)
+    node = _model_node(name, model_type, ("create_model keyword arguments", overrides))
     return MODELS.get(name).from_config(node)
 
 
 def load_model(name: str, model_type: str, is_eval: bool = False, device: str | torch.device = "cpu",
-               checkpoint: str | None = None) -> BaseModel:
-    """As LAVIS: build the model, optionally load ``checkpoint``, put it on ``device``."""
-    model = create_model(name, model_type)
+               checkpoint: str | Path | None = None, **overrides: Any) -> BaseModel:
+    """As LAVIS: build the model, optionally load ``checkpoint``, put it on ``device``.
+
+    ``overrides``: model config keys, nested ones as dicts (``qformer={"num_hidden_layers": 2}``,
+    ``llm_path=...``, ``pretrained=...``). A checkpoint of our runner rebuilds the model it was trained
+    with: layers (later wins) are the model type's defaults, the checkpoint's stored ``model:`` config
+    (``name`` replaces its arch), ``overrides``; its weights are loaded last. A LAVIS ``.pth`` (no
+    stored config) is loaded into the model type's defaults with ``overrides``.
+    """
+    state = stored = None
     if checkpoint is not None:
-        model.load_checkpoint(checkpoint)
+        state, config_yaml = read_checkpoint(checkpoint, "load_model(checkpoint=...)")
+        stored = _stored_model_config(config_yaml, name, checkpoint, overrides)
+    node = _model_node(name, model_type, (f"checkpoint {checkpoint}", stored),
+                       ("load_model keyword arguments", overrides))
+    model = MODELS.get(name).from_config(node, warn_untrained=state is None)
+    if state is not None:
+        model.load_weights(state, str(checkpoint))
+        model.warn_untrained()
     if is_eval:
         model.eval()
     return model.to(device)
 
 
-def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
-                              device: str | torch.device = "cpu") -> tuple[BaseModel, dict, dict]:
-    """Model plus its ``vis_processors`` and ``txt_processors`` ({"train": ..., "eval": ...})
-    from the ``preprocess`` section of the model's default config."""
+def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False, device: str | torch.device = "cpu",
+                              checkpoint: str | Path | None = None, **overrides: Any
+                              ) -> tuple[BaseModel, dict, dict]:
+    """``load_model`` plus its ``vis_processors`` and ``txt_processors`` ({"train": ..., "eval": ...})
+    from the ``preprocess`` section of the model type's default config."""
     from lavis_lite.data.processors import build_processor
 
-    preprocess = _model_node(name, model_type, None).get("preprocess")
+    preprocess = _defaults(name, model_type).get("preprocess")
     if preprocess is None:
         raise KeyError(f"{model_config_path(name, model_type)} has no preprocess section")
     vis = {split: build_processor(node) for split, node in preprocess.get("vis_processor", {}).items()}
     txt = {split: build_processor(node) for split, node in preprocess.get("text_processor", {}).items()}
-    return load_model(name, model_type, is_eval, device), vis, txt
+    return load_model(name, model_type, is_eval, device, checkpoint, **overrides), vis, txt
 
 
 class ModelZoo:

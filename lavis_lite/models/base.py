@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 from torch import nn
@@ -13,10 +13,12 @@ from lavis_lite.config import merge_onto
 logger = logging.getLogger(__name__)
 
 
-def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``).
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], Optional[str]]:
+    """(tensors, the run's resolved config as YAML or None) from a ``.safetensors`` file or a torch
+    checkpoint, loaded with ``weights_only=True``.
 
-    A LAVIS ``.pth`` keeps the weights under ``"model"``; a bare state dict is accepted too.
+    A LAVIS ``.pth`` keeps the weights under ``"model"`` (a bare state dict is accepted too); ours also
+    keep the run's config under ``"config"`` (``lavis_lite/runner/checkpoint.py``).
     """
     path = Path(path)
     if not path.is_file():
@@ -24,13 +26,19 @@ def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), str) else None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict):
         raise ValueError(f"{what}: {path} holds a {type(ckpt).__name__}, not a state dict")
-    return ckpt
+    return ckpt, config
+
+
+def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of ``read_checkpoint``."""
+    return read_checkpoint(path, what)[0]
 
 
 class BaseModel(nn.Module):
@@ -43,14 +51,23 @@ class BaseModel(nn.Module):
 
     config_class: ClassVar[type]
     ignore_missing_prefixes: ClassVar[tuple[str, ...]] = ()
+    # config keys naming local files or folders: a checkpoint's stored config is reused only if they exist
+    path_keys: ClassVar[tuple[str, ...]] = ("pretrained", "finetuned")
 
     @classmethod
-    def from_config(cls, node: Any) -> "BaseModel":
+    def from_config(cls, node: Any, warn_untrained: bool = True) -> "BaseModel":
+        """Build from ``node`` (merged onto ``config_class``), then load ``pretrained`` and ``finetuned``.
+
+        ``warn_untrained``: warn if a part still has no weights (``untrained_parts``); False when the
+        caller loads more weights first and warns itself (``load_model``).
+        """
         cfg = merge_onto(cls.config_class, node, "model")
         model = cls(cfg)
         for key in ("pretrained", "finetuned"):  # LAVIS's order: pre-training, then fine-tuning
             if getattr(cfg, key, None):
                 model.load_checkpoint(getattr(cfg, key))
+        if warn_untrained:
+            model.warn_untrained()
         return model
 
     @property
@@ -63,8 +80,31 @@ class BaseModel(nn.Module):
         Reports missing and unexpected keys; with ``strict`` any of them outside
         ``ignore_missing_prefixes`` raises.
         """
-        state = self.convert_state_dict(load_state_dict_file(path))
-        self.load_state_dict_checked(state, source=str(path), strict=strict, allow_missing=self.allow_missing(state))
+        self.load_weights(load_state_dict_file(path), str(path), strict)
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
+        """``load_checkpoint`` for tensors already read from ``source``."""
+        state = self.convert_state_dict(state)
+        self.load_state_dict_checked(state, source=source, strict=strict, allow_missing=self.allow_missing(state))
+        self.mark_loaded(state)
+
+    def mark_loaded(self, state: dict[str, torch.Tensor]) -> None:
+        """Record which parts the (converted, loaded) ``state`` gave weights to; see ``untrained_parts``."""
+
+    def untrained_parts(self) -> list[tuple[str, str]]:
+        """(part, config keys that give it weights) for each part still randomly initialised where a
+        real model needs pretrained weights; none by default."""
+        return []
+
+    def warn_untrained(self) -> None:
+        """One loud warning line naming every randomly initialised part and the keys to set."""
+        parts = self.untrained_parts()
+        if parts:
+            cfg = getattr(self, "cfg", None)
+            name = f"{getattr(cfg, 'arch', type(self).__name__)}/{getattr(cfg, 'model_type', '?')}"
+            verb = "is" if len(parts) == 1 else "are"
+            logger.warning("%s: %s %s randomly initialised: set %s", name, " and ".join(p for p, _ in parts), verb,
+                           " and ".join(keys for _, keys in parts))
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint's keys onto ours; identity by default."""

@@ -155,24 +155,30 @@ class Blip2LLM(Blip2Base):
         """batch: image [B, 3, H, W], text_input list of captions, optional prompt list.
         Returns {"loss"}: mean cross-entropy over answer tokens (stop token included)."""
         queries = self.query_embeds(batch["image"])
-        prompts = batch.get("prompt") or [self.cfg.prompt] * len(batch["text_input"])
-        inputs, mask, labels = self.build_inputs(queries, prompts, batch["text_input"])
+        inputs, mask, labels = self.build_inputs(queries, self.prompts(batch, len(queries)), batch["text_input"])
         logits = self.llm_model(inputs_embeds=inputs, attention_mask=mask).logits.float()
         if not torch.isfinite(logits).all():
-            raise FloatingPointError("the LLM produced non-finite logits; with float16 weights this is overflow: "
-                                     "set model.llm_dtype=bfloat16 (or float32)")
+            dtype = self.llm_model.dtype
+            hint = ("; float16 overflows easily: set model.llm_dtype=bfloat16" if dtype == torch.float16 else
+                    f" from inputs of norm up to {float(inputs.float().norm(dim=-1).max()):.3g} (the LLM's weights are "
+                    f"{str(dtype).removeprefix('torch.')})")
+            raise FloatingPointError(f"the LLM produced non-finite logits{hint}")
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return {"loss": loss}
 
     # ----------------------------------------------------------------------------- inference
     def generation_config(self, num_beams: int, max_new_tokens: int, min_new_tokens: int,
                           length_penalty: float, num_return_sequences: int = 1) -> GenerationConfig:
-        """Everything explicit, so a checkpoint's generation_config.json cannot change the result."""
+        """Everything explicit, so a checkpoint's generation_config.json cannot change the result. Ids past
+        the tokenizer (padding rows of the embedding table: opt-2.7b has 50272 for 50265 tokens, Qwen2 151936
+        for 151646) are suppressed: they decode to nothing, or fail to decode (sentencepiece)."""
         eos = [self.stop_id] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        rows = self.llm_model.get_output_embeddings().weight.shape[0]
         return GenerationConfig(
             do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             length_penalty=length_penalty, num_return_sequences=num_return_sequences,
             eos_token_id=list(dict.fromkeys(eos)), pad_token_id=self.pad_id, bos_token_id=self.bos_id,
+            suppress_tokens=list(range(len(self.tokenizer), rows)) or None,
         )
 
     @torch.no_grad()
@@ -180,11 +186,16 @@ class Blip2LLM(Blip2Base):
                  min_new_tokens: int = 1, length_penalty: float = 1.0) -> list[str]:
         """Captions (or answers) for ``batch["image"]``, continuing ``batch["prompt"]`` if given."""
         queries = self.query_embeds(batch["image"])
-        prompts = batch.get("prompt") or [self.cfg.prompt] * len(queries)
-        inputs, mask, _ = self.build_inputs(queries, prompts, padding_side="left")
+        inputs, mask, _ = self.build_inputs(queries, self.prompts(batch, len(queries)), padding_side="left")
         config = self.generation_config(num_beams, max_new_tokens, min_new_tokens, length_penalty)
         output = self.llm_model.generate(inputs_embeds=inputs, attention_mask=mask, generation_config=config)
         return [self.postprocess(text) for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def prompts(self, batch: dict[str, Any], n: int) -> list[str]:
+        """Each sample's prompt: ``batch["prompt"]`` (a data set's, in its captions' language) where given,
+        else ``model.prompt``."""
+        given = batch.get("prompt") or [None] * n
+        return [self.cfg.prompt if prompt is None else prompt for prompt in given]
 
     def postprocess(self, text: str) -> str:
         """Cut at the first end-of-answer text, strip."""
@@ -250,6 +261,6 @@ class Blip2LLM(Blip2Base):
         if not Path(path).is_file():
             found = sorted(Path("output").glob("**/checkpoint_*.pth"), key=lambda p: p.stat().st_mtime)
             hint = f"; the newest checkpoint under ./output is {found[-1]}" if found else (
-                "; train stage 1 first (bash run_scripts/blip2/train_stage1.sh)")
+                "; train stage 1 first (bash run_scripts/blip2/train_stage1_shapes.sh)")
             raise FileNotFoundError(f"model.pretrained={path}: no such file{hint}")
         super().load_checkpoint(path, strict)

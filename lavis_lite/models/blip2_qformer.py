@@ -51,6 +51,10 @@ from lavis_lite.registry import MODELS
 
 logger = logging.getLogger(__name__)
 
+# ``vit_model``s trained from scratch on purpose (tests, CPU demos): no "randomly initialised" warning
+RANDOM_BY_DESIGN: tuple[str, ...] = ("tiny",)
+VIT_WEIGHT_FILES = {"eva_clip_g": "LAVIS eva_vit_g.pth", "clip_L": "LAVIS clip_vit_L.pth"}  # for that warning
+
 
 # --------------------------------------------------------------------------------------- config
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ class Blip2VisionConfig:
     model_type: str = "pretrain"
     # image encoder (vision.py)
     vit_model: VitModel = "eva_clip_g"
+    vit_depth: Optional[int] = None  # None: the encoder's own depth; a smaller value for reduced-depth tests
     img_size: int = 224  # LAVIS: image_size
     drop_path_rate: float = 0.0
     vit_use_checkpoint: bool = False  # LAVIS: use_grad_checkpoint
@@ -119,18 +124,18 @@ class Blip2Base(BaseModel):
     # Checkpoints of a frozen encoder hold no visual_encoder.* weights (LAVIS's and ours save trainable
     # ones only): allowed only once the encoder has weights from somewhere (``allow_missing``).
     vit_loaded: bool = False
+    qformer_loaded: bool = False  # from model.bert_init_path or a checkpoint with Qformer.* weights
     image_feature_cache: Optional[ImageFeatureCache] = None
+    path_keys = ("pretrained", "finetuned", "vit_pretrained", "bert_init_path", "tokenizer_path", "llm_path")
 
     def init_vision_and_qformer(self, cfg: Blip2VisionConfig, vocab_size: Optional[int]) -> int:
         """Build ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens``; return the Q-Former width.
         ``vocab_size``: the tokenizer's size, or None for a queries-only Q-Former (stage 2)."""
-        self.visual_encoder = create_vision_encoder(cfg.vit_model, cfg.img_size, cfg.drop_path_rate, cfg.vit_use_checkpoint)
+        self.visual_encoder = create_vision_encoder(cfg.vit_model, cfg.img_size, cfg.drop_path_rate,
+                                                    cfg.vit_use_checkpoint, cfg.vit_depth)
         if cfg.vit_pretrained:
             load_vision_weights(self.visual_encoder, cfg.vit_model, cfg.vit_pretrained)
             self.vit_loaded = True
-        elif cfg.vit_model != "tiny":
-            logger.warning("model.vit_pretrained is not set: the %s image encoder is randomly initialised "
-                           "unless model.pretrained holds visual_encoder.* weights", cfg.vit_model)
         set_vit_precision(self.visual_encoder, cfg.vit_precision)
         width = self.visual_encoder.num_features
         self.ln_vision = nn.LayerNorm(width)
@@ -181,6 +186,10 @@ class Blip2Base(BaseModel):
         def encode(images: torch.Tensor) -> torch.Tensor:
             return vision_features(self.visual_encoder, images, self.cfg.vit_precision)
 
+        size = self.cfg.img_size
+        if tuple(image.shape[-2:]) != (size, size):
+            raise ValueError(f"images are {image.shape[-2]}x{image.shape[-1]} px but model.img_size={size}: set the data "
+                             f"sets' image processors to it (datasets.<name>.vis_processor.<train|eval>.image_size={size})")
         image = image.to(self.device)
         cache = self.image_feature_cache
         features = encode(image) if cache is None else cache.encode(image, encode)
@@ -194,13 +203,33 @@ class Blip2Base(BaseModel):
     def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
         """A checkpoint may lack the image encoder only if it already has weights (``vit_pretrained`` or
         an earlier checkpoint); otherwise it would silently stay random."""
-        if any(k.startswith("visual_encoder.") for k in state):
-            self.vit_loaded = True
-        elif not self.vit_loaded:
+        if not self.vit_loaded and not any(k.startswith("visual_encoder.") for k in state):
             raise KeyError("this checkpoint holds no visual_encoder.* weights and none were loaded before: the image "
                            "encoder would stay random. Set model.vit_pretrained (e.g. LAVIS's eva_vit_g.pth), or set "
                            "model.pretrained to a checkpoint that has them and model.finetuned to this one")
         return ("visual_encoder.",)
+
+    def mark_loaded(self, state: dict[str, torch.Tensor]) -> None:
+        if any(k.startswith("visual_encoder.") for k in state):
+            self.vit_loaded = True
+        if any(k.startswith("Qformer.") for k in state):
+            self.qformer_loaded = True
+
+    def untrained_parts(self) -> list[tuple[str, str]]:
+        """The image encoder and the Q-Former need weights unless ``vit_model`` is in ``RANDOM_BY_DESIGN``
+        (``tiny``); the LLM of stage 2 always comes from ``llm_path``."""
+        vit = self.cfg.vit_model
+        if vit in RANDOM_BY_DESIGN:
+            return []
+        parts = []
+        if not self.vit_loaded:
+            weights = VIT_WEIGHT_FILES.get(vit, f"a {vit} state dict")
+            parts.append(("the image encoder", f"model.vit_pretrained ({weights})"))
+        if not self.qformer_loaded:
+            from_bert = hasattr(self.cfg, "bert_init_path")  # stage 2 has no text branch to start from BERT
+            parts.append(("the Q-Former", "model.pretrained or model.bert_init_path" if from_bert
+                          else "model.pretrained (a stage-1 checkpoint)"))
+        return parts
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py)."""
@@ -226,6 +255,7 @@ class Blip2Qformer(Blip2Base):
         hidden = self.init_vision_and_qformer(cfg, vocab_size=len(self.tokenizer))
         if cfg.bert_init_path:
             init_from_bert(self.Qformer, cfg.bert_init_path)
+            self.qformer_loaded = True
         self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)

@@ -103,8 +103,11 @@ def itc_loss(
 def hard_negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """Sampling weights [b, N]: ``softmax(sim)`` over the non-positive columns; positives get exactly 0.
 
-    Raises when a row has no negative (every sample in the global batch shows the same image).
+    Raises when a row has no negative (every sample in the global batch shows the same image), and
+    FloatingPointError when the similarities are not finite (a diverging run), before sampling trips on it.
     """
+    if not torch.isfinite(sim).all():
+        raise FloatingPointError("ITM hard-negative mining: the image-text similarities are not finite")
     if positive.all(dim=1).any():
         row = int(positive.all(dim=1).nonzero()[0])
         raise ValueError(

@@ -78,17 +78,26 @@ def _spec(vit_model: str) -> VitSpec:
 
 # ---------------------------------------------------------------------------------------- model
 def create_vision_encoder(
-    vit_model: str, img_size: int = 224, drop_path_rate: float = 0.0, use_grad_checkpoint: bool = False
+    vit_model: str, img_size: int = 224, drop_path_rate: float = 0.0, use_grad_checkpoint: bool = False,
+    depth: int | None = None,
 ) -> nn.Module:
     """The timm ViT for ``vit_model``, randomly initialised (load weights with ``load_vision_weights``).
 
+    ``depth``: fewer blocks than the encoder's own (None), e.g. for tests at the real width; a checkpoint's
+    extra blocks are then dropped on load, as LAVIS drops EVA-CLIP-g's 40th.
     ``encoder.forward_features(image [B, 3, H, W])`` -> ``[B, 1 + (H/p)*(W/p), width]``;
     ``encoder.num_features`` is the width (1408 for eva_clip_g, 1024 for clip_L).
     """
     spec = _spec(vit_model)
-    patch = dict(spec.timm_kwargs).get("patch_size", 14)
+    kwargs = dict(spec.timm_kwargs)
+    patch = kwargs.get("patch_size", 14)
     if img_size % patch:
         raise ValueError(f"model.img_size={img_size} is not a multiple of {vit_model}'s patch size {patch}")
+    if depth is not None:
+        if not 1 <= depth <= kwargs["depth"]:
+            raise ValueError(f"model.vit_depth={depth}: {vit_model} has {kwargs['depth']} blocks; choose 1 to "
+                             f"{kwargs['depth']}, or null for all of them")
+        kwargs["depth"] = depth
     encoder = timm.create_model(
         spec.timm_name,
         pretrained=False,
@@ -96,7 +105,7 @@ def create_vision_encoder(
         global_pool="",
         img_size=img_size,
         drop_path_rate=drop_path_rate,
-        **dict(spec.timm_kwargs),
+        **kwargs,
     )
     encoder.set_grad_checkpointing(use_grad_checkpoint)
     return encoder

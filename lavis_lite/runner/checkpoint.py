@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,47 @@ def load(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def rotate(output_dir: str | Path, keep_last_k: int) -> None:
-    """Delete all but the ``keep_last_k`` newest ``checkpoint_<iteration>.pth`` files."""
-    files = sorted(
-        (int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_*.pth") if (m := _STEP_FILE.search(p.name))
-    )
-    for _, path in files[: max(len(files) - keep_last_k, 0)]:
-        path.unlink()
-        logger.info("removed old checkpoint %s", path)
+def step_of(name: str) -> int | None:
+    """The iteration of a ``checkpoint_<iteration>.pth`` file name, else None."""
+    match = _STEP_FILE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def rotate(output_dir: str | Path, names: list[str], keep_last_k: int) -> list[str]:
+    """Delete all but the ``keep_last_k`` newest of ``names`` (step checkpoints the current run wrote into
+    ``output_dir``; no other file is touched); return the names kept."""
+    ordered = sorted(names, key=step_of)
+    cut = max(len(ordered) - keep_last_k, 0)
+    for name in ordered[:cut]:
+        path = Path(output_dir) / name
+        if path.is_file():
+            path.unlink()
+            logger.info("removed old checkpoint %s", path)
+    return ordered[cut:]
+
+
+# What marks a folder as holding a run: a new run there would mix its log and checkpoints with these.
+RUN_FILES = ("log.jsonl", "checkpoint_*.pth")
+
+
+def previous_run_files(output_dir: str | Path) -> list[Path]:
+    """The files in ``output_dir`` that show another run was written there."""
+    folder = Path(output_dir)
+    return sorted(p for pattern in RUN_FILES for p in folder.glob(pattern)) if folder.is_dir() else []
+
+
+def move_previous_run(output_dir: str | Path) -> Path:
+    """Move every file and folder of ``output_dir`` (but ``previous/``) into ``previous/<time>/``; nothing is
+    deleted. Returns the new folder."""
+    folder = Path(output_dir)
+    target = folder / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "_")
+    target.mkdir(parents=True)
+    for path in sorted(folder.iterdir()):
+        if path.name != "previous":
+            path.rename(target / path.name)
+    return target
 
 
 def check_trainable_keys(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:

@@ -37,20 +37,25 @@ class JsonLogHook(Hook):
         self.path = Path(output_dir) / "log.jsonl"
         self.log_freq = log_freq
         self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)  # a skipped (inf/nan) step logs its lr only
         self.count = 0
         self.start = time.perf_counter()
 
     def after_step(self, runner: "Runner", iteration: int, outputs: dict[str, float]) -> None:
         for key, value in outputs.items():
             self.sums[key] += value
+            self.counts[key] += 1
         self.count += 1
         if (iteration + 1) % self.log_freq == 0 or iteration + 1 == runner.total_iters:
             elapsed = time.perf_counter() - self.start
             record = {"iteration": iteration + 1, "epoch": runner.epoch}
-            record.update({f"train_{k}": v / self.count for k, v in self.sums.items()})
+            record.update({f"train_{k}": v / self.counts[k] for k, v in self.sums.items()})
             record["samples_per_s"] = self.count * runner.global_batch_size / max(elapsed, 1e-9)
+            if runner.nonfinite_steps:
+                record["nonfinite_steps"] = runner.nonfinite_steps  # skipped so far in this run
             self._write(record)
             self.sums.clear()
+            self.counts.clear()
             self.count = 0
             self.start = time.perf_counter()
 

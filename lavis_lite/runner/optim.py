@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 import torch
 from torch import nn
 
@@ -105,16 +106,23 @@ class OptimWrapper:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.accum_grad_iters).backward()
 
-    def step(self, iteration: int) -> dict[str, float]:
-        """Apply the accumulated gradients; ``iteration`` picks the LR. Returns lr and grad norm."""
+    def step(self, iteration: int) -> dict[str, Any]:
+        """Apply the accumulated gradients; ``iteration`` picks the LR. Returns lr and grad norm, and
+        ``skipped: True`` (nothing applied) when the gradients hold inf/nan. With float16's GradScaler
+        such steps are the scaler's business (it skips them and lowers the scale), not divergence."""
         lr = self.schedule(iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        stats = {"lr": lr}
+        stats: dict[str, Any] = {"lr": lr}
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        elif not self.scaler.is_enabled():
+            stats["grad_norm"] = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if not self.scaler.is_enabled() and not math.isfinite(stats["grad_norm"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**stats, "skipped": True}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,16 @@ class BaseTask:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
 
+    @classmethod
+    def metric_names(cls, cfg: Any) -> set[str] | None:
+        """The metrics ``evaluation`` reports with config ``cfg`` (None: known only after evaluating);
+        ``run.best_metric`` is checked against them before training."""
+        return None
+
+    def check_ready(self) -> None:
+        """Raise ConfigError when evaluation could not run here (e.g. a missing program); called before
+        training, so a run does not fail at its first validation."""
+
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return model(batch)
 

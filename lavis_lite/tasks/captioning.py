@@ -1,23 +1,39 @@
-"""Captioning: generate one caption per image, write the COCO-style result file, score CIDEr and
-BLEU-4 with pycocoevalcap. English text goes through its PTB tokenizer (Java); Chinese through a
-character-level tokenizer (the PTB tokenizer would treat a whole Chinese sentence as one word)."""
+"""Captioning: generate one caption per image, write the COCO-style result file, score it with
+:mod:`lavis_lite.tasks.caption_eval`: BLEU-1..4, ROUGE-L and CIDEr; English through pycocoevalcap's PTB
+tokenizer (Java), Chinese both per character (``*_char``) and per jieba word as the AI Challenger 2017
+scorer (``*_jieba``)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
-import re
-import unicodedata
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from lavis_lite import dist
+from lavis_lite.config import ConfigError
 from lavis_lite.registry import TASKS
 from lavis_lite.tasks.base import BaseTask
 
 logger = logging.getLogger(__name__)
+_FROM_CAPTION_EVAL = ("load_coco_gt", "score_captions", "tokenize_chinese")
+
+
+def _caption_eval():
+    # Imported on use: were it imported with this module (so with the package), `python -m
+    # lavis_lite.tasks.caption_eval` would find itself already imported and warn.
+    return importlib.import_module("lavis_lite.tasks.caption_eval")
+
+
+def __getattr__(name: str) -> Any:
+    """``load_coco_gt``, ``score_captions``, ``tokenize_chinese``: re-exported from caption_eval."""
+    if name in _FROM_CAPTION_EVAL:
+        return getattr(_caption_eval(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass
@@ -30,50 +46,25 @@ class CaptionConfig:
     language: Literal["en", "zh"] = "en"
 
 
-def tokenize_chinese(text: str) -> str:
-    """Characters separated by spaces, without whitespace or punctuation; Latin words and digits
-    stay whole ("3个red圆形。" -> "3 个 red 圆 形")."""
-    tokens = re.findall(r"[A-Za-z]+|\d+|\S", text)
-    return " ".join(t for t in tokens if not unicodedata.category(t[0]).startswith("P"))
-
-
-def score_captions(gts: dict[Any, list[str]], res: dict[Any, str], language: str = "en") -> dict[str, float]:
-    """CIDEr and BLEU-1..4 (fractions, as pycocoevalcap reports them) of one caption per image."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    missing = set(gts) - set(res)
-    if missing:
-        raise ValueError(f"no generated caption for {len(missing)} images, e.g. {sorted(map(str, missing))[:3]}")
-    if language == "zh":
-        gts_tok = {k: [tokenize_chinese(c) for c in v] for k, v in gts.items()}
-        res_tok = {k: [tokenize_chinese(res[k])] for k in gts}
-    else:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        ptb = PTBTokenizer()
-        gts_tok = ptb.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-        res_tok = ptb.tokenize({k: [{"caption": res[k]}] for k in gts})
-    bleu, _ = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
-    cider, _ = Cider().compute_score(gts_tok, res_tok)
-    return {"CIDEr": float(cider), **{f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}}
-
-
-def load_coco_gt(path: str | Path) -> dict[Any, list[str]]:
-    data = json.loads(Path(path).read_text())
-    gts: dict[Any, list[str]] = {img["id"]: [] for img in data["images"]}
-    for ann in data["annotations"]:
-        gts[ann["image_id"]].append(ann["caption"])
-    return gts
-
-
 @TASKS.register("captioning")
 class CaptionTask(BaseTask):
     """The model provides ``generate(batch, num_beams, max_new_tokens, min_new_tokens,
-    length_penalty) -> list[str]``; the eval data set has ``gt_path`` (COCO-format ground truth)."""
+    length_penalty) -> list[str]``; the eval data set has ``gt_path`` (COCO-format ground truth).
+    ``agg_metrics`` is CIDEr + Bleu_4, for Chinese ``CIDEr_char + Bleu_4_char`` (:meth:`agg_metrics`)."""
 
     config_class = CaptionConfig
     id_key = "image_id"
+
+    @classmethod
+    def metric_names(cls, cfg: CaptionConfig) -> set[str]:
+        """English: CIDEr, Bleu_1..4, ROUGE_L; Chinese: each as ``*_char`` and ``*_jieba``; and agg_metrics."""
+        return {*_caption_eval().metric_names(cfg.language), "agg_metrics"}
+
+    def check_ready(self) -> None:
+        if self.cfg.language == "en" and shutil.which("java") is None:
+            raise ConfigError("captioning with run.language=en scores through pycocoevalcap's PTB tokenizer, which "
+                              "runs Java, and no `java` is on PATH: install a Java runtime (e.g. apt-get install "
+                              "default-jre-headless) or run without evaluation splits")
 
     def valid_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[str, Any]]:
         if self.cfg.prompt:
@@ -90,7 +81,15 @@ class CaptionTask(BaseTask):
             logger.info("captions written to %s", path)
         if getattr(dataset, "gt_path", None) is None:
             raise ValueError(f"{split}: the data set has no caption ground truth file (build_info.caption_gt)")
-        metrics = score_captions(load_coco_gt(dataset.gt_path), {r["image_id"]: r["caption"] for r in results},
-                                 self.cfg.language)
-        metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]  # as LAVIS
+        caption_eval = _caption_eval()
+        language = getattr(dataset, "language", None) or self.cfg.language  # a data set's own, else run.language
+        metrics = caption_eval.score_captions(caption_eval.load_coco_gt(dataset.gt_path),
+                                              {r["image_id"]: r["caption"] for r in results}, language)
+        metrics["agg_metrics"] = self.agg_metrics(metrics, language)
         return metrics
+
+    def agg_metrics(self, metrics: dict[str, float], language: str | None = None) -> float:
+        """CIDEr + BLEU-4, as LAVIS; for Chinese the character-level ones (``CIDEr_char + Bleu_4_char``),
+        which depend on no word dictionary."""
+        suffix = "_char" if (language or self.cfg.language) == "zh" else ""
+        return metrics[f"CIDEr{suffix}"] + metrics[f"Bleu_4{suffix}"]

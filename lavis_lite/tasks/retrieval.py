@@ -61,6 +61,11 @@ class RetrievalTask(BaseTask):
 
     config_class = RetrievalConfig
 
+    @classmethod
+    def metric_names(cls, cfg: RetrievalConfig) -> set[str]:
+        recalls = {f"{side}_r{k}" for side in ("txt", "img") for k in (1, 5, 10, "_mean")}
+        return recalls | {"r_mean", "agg_metrics"}
+
     @torch.no_grad()
     def evaluation(self, model: torch.nn.Module, loader: DataLoader, split: str, output_dir: str | None = None) -> dict:
         data = loader.dataset

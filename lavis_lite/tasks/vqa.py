@@ -41,6 +41,10 @@ class VQATask(BaseTask):
     config_class = VQAConfig
     id_key = "question_id"
 
+    @classmethod
+    def metric_names(cls, cfg: VQAConfig) -> set[str]:
+        return {"agg_metrics"} if cfg.metric == "gqa" else {"agg_metrics", "yes/no", "number", "other"}
+
     def __init__(self, cfg: VQAConfig | None = None):
         super().__init__(cfg or VQAConfig())
         self.answer_list = None

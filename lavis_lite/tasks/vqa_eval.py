@@ -361,11 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = report.to_metrics()
     if args.detailed:
         metrics["per_question_type"] = report.per_question_type
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    print_metrics(metrics, args.output)
     return 0
+
+
+def print_metrics(metrics: dict[str, Any], output: str | None) -> None:
+    """A scorer CLI's result: JSON on stdout, and in ``output`` too when given."""
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

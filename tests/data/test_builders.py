@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,23 @@ def test_missing_annotation_file_names_path_and_key(shapes_copy, small_spec, tmp
     assert "datasets.shapes_caption.build_info.storage" in message
 
 
+def test_shapes_storage_at_a_users_folder_is_refused_and_left_intact(small_spec, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=rf"datasets\.shapes_vqa\.build_info\.storage: {mine} is not empty and is not "
+                                          r"a shapes data set written by lavis_lite"):
+        _build(tmp_path, {"shapes_vqa": _shapes_node(mine, small_spec)})
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_shapes_hint_does_not_advise_deleting_storage(shapes_copy, small_spec, tmp_path):
+    (shapes_copy / "annotations" / "vqa_val.json").unlink()
+    with pytest.raises(ConfigError) as err:
+        _build(tmp_path, {"shapes_vqa": _shapes_node(shapes_copy, small_spec)})
+    assert "delete" not in str(err.value) and "at a new folder" in str(err.value)
+
+
 def _fake_coco(root: Path, shapes_root: Path) -> Path:
     """COCO's Karpathy layout, filled with shapes images and no image ids in val (as LAVIS's files)."""
     (root / "annotations").mkdir(parents=True)
@@ -123,6 +143,44 @@ def test_real_builders_fail_on_missing_paths_with_the_key_to_set(shapes_root, tm
         _build(tmp_path, {"coco_vqa": {"build_info": {"storage": str(empty)}}})
     assert str(empty / "annotations" / "vqa_train.json") in str(err.value)
     assert "datasets.coco_vqa.build_info.annotations.train" in str(err.value)
+
+
+def test_real_storage_that_does_not_exist_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _build(tmp_path, {"coco_caption": {"build_info": {"storage": str(tmp_path / "coco")}}})
+    assert str(err.value).startswith(f"datasets.coco_caption.build_info.storage={str(tmp_path / 'coco')!r}: no folder")
+    assert not (tmp_path / "coco").exists()
+
+
+def _malformed_caption_val(shapes_copy: Path) -> Path:
+    path = shapes_copy / "annotations" / "caption_val.json"
+    path.write_text('[{"image": "images/val/shapes_1000000.jpg"}, ')  # cut short
+    return path
+
+
+def test_malformed_annotation_file_is_a_config_error(shapes_copy, small_spec, tmp_path):
+    bad = _malformed_caption_val(shapes_copy)
+    with pytest.raises(ConfigError, match=rf"^datasets\.shapes_caption: cannot build split 'val' from {bad} "):
+        _build(tmp_path, {"shapes_caption": _shapes_node(shapes_copy, small_spec)})
+    (shapes_copy / "annotations" / "caption_val.json").write_text('[{"caption": ["a red circle"]}]')
+    with pytest.raises(ConfigError, match=r"datasets\.shapes_caption: .*record 0 has no 'image'"):
+        _build(tmp_path, {"shapes_caption": _shapes_node(shapes_copy, small_spec)})
+
+
+def test_malformed_annotation_file_is_one_error_line_from_the_cli(shapes_copy, small_spec, tmp_path):
+    bad = _malformed_caption_val(shapes_copy)
+    root = Path(__file__).resolve().parents[2]
+    cfg = OmegaConf.load(root / "projects/bow_tagger/train_shapes.yaml")
+    cfg.datasets.shapes_caption.build_info = {"storage": str(shapes_copy)}
+    cfg.datasets.shapes_caption.generator = small_spec
+    OmegaConf.save(cfg, tmp_path / "project.yaml")
+    result = subprocess.run([sys.executable, "-m", "lavis_lite.train", "--cfg-path", str(tmp_path / "project.yaml"),
+                             "--options", f"run.output_dir={tmp_path / 'out'}"], cwd=root, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "LAVIS_LITE_CACHE": str(tmp_path / "cache")})
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "datasets.shapes_caption" in lines[0] and str(bad) in lines[0]
+    assert result.stderr.strip().splitlines()[-1] == lines[0]
 
 
 def test_missing_image_folder_on_shapes(shapes_root, small_spec, tmp_path):

@@ -2,12 +2,10 @@
 written in the official / LAVIS formats: samples, batches, metrics on the eval files, path errors."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from lavis_lite.config import CONFIG_ROOT, ConfigError, load_config, load_yaml
@@ -15,6 +13,7 @@ from lavis_lite.data.builders import build_datasets
 from lavis_lite.data.datasets import CaptionDataset, NoCapsEvalDataset, VQADataset, VQAEvalDataset
 from lavis_lite.tasks.captioning import load_coco_gt
 from lavis_lite.tasks.vqa import VQAConfig, VQATask
+from tests.fixtures.real_data import dump, make_gqa, make_okvqa, make_vg, write_images
 
 SMALL_IMAGES = {"train": {"name": "blip_image_train", "image_size": 16},
                 "eval": {"name": "blip_image_eval", "image_size": 16}}
@@ -33,28 +32,7 @@ def node(storage: Path, **extra) -> dict:
             **extra}
 
 
-def write_images(root: Path, paths: list[str]) -> None:
-    for k, path in enumerate(paths):
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (24, 20), (40 * k, 100, 200)).save(root / path)
-
-
-def dump(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-
-
 # ------------------------------------------------------------------------------------------ VG
-def make_vg(storage: Path) -> Path:
-    write_images(storage / "images", ["VG_100K/1.jpg", "VG_100K_2/2.jpg"])
-    dump(storage / "annotations" / "vg_caption.json", [
-        {"image": "VG_100K/1.jpg", "caption": "A red car parked.", "image_id": "vg_1"},
-        {"image": "VG_100K/1.jpg", "caption": "tall green tree", "image_id": "vg_1"},
-        {"image": "VG_100K_2/2.jpg", "caption": "white clouds in blue sky", "image_id": "vg_2"},
-    ])
-    return storage
-
-
 def test_vg_caption(tmp_path):
     built = build(tmp_path, {"vg_caption": node(make_vg(tmp_path / "vg"))})["vg_caption"]
     assert set(built) == {"train"} and type(built["train"]) is CaptionDataset
@@ -65,35 +43,6 @@ def test_vg_caption(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- OK-VQA
-OKVQA_QUESTIONS = [(2971475, 297147, "What sport can you use this for?", ["race"] * 6 + ["motocross"] * 4),
-                   (1955745, 195574, "What is the capital of this country?", ["london"] * 10)]
-
-
-def make_okvqa(storage: Path) -> Path:
-    """LAVIS's okvqa_train.json / okvqa_val_eval.json and the official OK-VQA (VQAv2-format) files."""
-    coco = storage / "coco_images"
-    write_images(coco, [f"val2014/COCO_val2014_{i:012d}.jpg" for _, i, _, _ in OKVQA_QUESTIONS]
-                 + ["train2014/COCO_train2014_000000000009.jpg"])
-    ann = storage / "annotations"
-    dump(ann / "okvqa_train.json", [{"question_id": 90, "question": "What food is this?",
-                                     "answer": ["pizza"] * 8 + ["pie"] * 2,
-                                     "image": "train2014/COCO_train2014_000000000009.jpg", "dataset": "okvqa"}])
-    dump(ann / "okvqa_val_eval.json", [{"question_id": q, "question": text, "answer": answers,
-                                        "image": f"val2014/COCO_val2014_{i:012d}.jpg", "dataset": "okvqa"}
-                                       for q, i, text, answers in OKVQA_QUESTIONS])
-    dump(ann / "OpenEnded_mscoco_val2014_questions.json", {
-        "license": {}, "data_subtype": "val2014", "task_type": "Open-Ended", "data_type": "mscoco",
-        "info": {}, "questions": [{"image_id": i, "question": text, "question_id": q} for q, i, text, _ in OKVQA_QUESTIONS]})
-    dump(ann / "mscoco_val2014_annotations.json", {
-        "license": {}, "data_subtype": "val2014", "data_type": "mscoco", "info": {},
-        "annotations": [{"image_id": i, "question_id": q, "question_type": "eight", "answer_type": "other",
-                         "confidence": 3,
-                         "answers": [{"answer_id": n + 1, "raw_answer": a, "answer": a, "answer_confidence": "yes"}
-                                     for n, a in enumerate(answers)]}
-                        for q, i, _, answers in OKVQA_QUESTIONS]})
-    return storage
-
-
 def test_ok_vqa_builds_and_its_eval_files_score(tmp_path):
     storage = make_okvqa(tmp_path / "okvqa")
     built = build(tmp_path, {"ok_vqa": node(storage, build_info={"images": str(storage / "coco_images")})})["ok_vqa"]
@@ -113,19 +62,6 @@ def test_ok_vqa_builds_and_its_eval_files_score(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ GQA
-def make_gqa(storage: Path) -> Path:
-    write_images(storage / "images", ["n161313.jpg", "n235859.jpg", "2354786.jpg"])
-    ann = storage / "annotations"
-    dump(ann / "train_balanced_questions.json", [
-        {"image": "n161313.jpg", "question": "Is it overcast?", "question_id": "02930152", "answer": "no",
-         "fullAnswer": "No, it is clear."}])
-    for split in ("val", "testdev"):
-        dump(ann / f"{split}_balanced_questions.json", [
-            {"image": "n235859.jpg", "question": "Who is wearing a shirt?", "question_id": f"{split}1", "answer": "girl"},
-            {"image": "2354786.jpg", "question": "Is the sky dark?", "question_id": f"{split}2", "answer": "yes"}])
-    return storage
-
-
 def test_gqa_builds_and_scores_with_metric_gqa(tmp_path):
     built = build(tmp_path, {"gqa": node(make_gqa(tmp_path / "gqa"))})["gqa"]
     assert set(built) == {"train", "val", "testdev"}

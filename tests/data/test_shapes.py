@@ -200,6 +200,45 @@ def test_ensure_shapes_reuses_a_matching_dataset_and_regenerates_otherwise(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp folders left
 
 
+def test_a_folder_the_generator_did_not_write_is_refused_and_left_intact(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    (mine / "manifest.json").write_text('{"version": 3}')  # someone else's manifest
+    before = _files(mine)
+    monkeypatch.setattr(shapes, "generate_shapes", lambda *a, **k: pytest.fail("refused before generating"))
+    with pytest.raises(shapes.ShapesRootError, match=rf"{mine} is not empty and is not a shapes data set written by "
+                                                     r"lavis_lite.*new or empty folder.*default"):
+        ensure_shapes(mine, **TINY)
+    assert _files(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_an_empty_folder_gets_the_data_set(tmp_path):
+    (tmp_path / "empty").mkdir()
+    root = ensure_shapes(tmp_path / "empty", **TINY)
+    assert root == tmp_path / "empty" and json.loads((root / "manifest.json").read_text())["counts"]["train"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_an_outdated_data_set_of_ours_is_regenerated(tmp_path, caplog):
+    root = generate_shapes(tmp_path / "s", ShapesSpec(**TINY))
+    old = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**old, "generator_version": 0}))  # an older generator
+    with caplog.at_level("INFO", logger=shapes.__name__):
+        ensure_shapes(root, **TINY)
+    assert json.loads((root / "manifest.json").read_text()) == old
+    assert f"generating the shapes data set at {root}" in caplog.text and "replacing our outdated one" in caplog.text
+
+
+def test_a_missing_parent_is_an_error_unless_it_is_the_default_root(tmp_path, monkeypatch):
+    with pytest.raises(shapes.ShapesRootError, match=rf"cannot create {tmp_path / 'typo' / 's'}: its parent folder "
+                                                     rf"{tmp_path / 'typo'} does not exist"):
+        ensure_shapes(tmp_path / "typo" / "s", **TINY)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("LAVIS_LITE_CACHE", str(tmp_path / "cache"))  # the default root's parents are created
+    assert (ensure_shapes(str(tmp_path / "cache" / "shapes"), **TINY) / "manifest.json").is_file()
+
+
 def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -352,7 +352,8 @@ def test_checkpoint_generation_config_does_not_change_generate(any_llm, tmp_path
     hostile_dir = Path(shutil.copytree(any_llm.path, tmp_path / "hostile"))
     model = build(any_llm).eval()
     stop = model.stop_id
-    (hostile_dir / "generation_config.json").write_text(json.dumps({**HOSTILE, "suppress_tokens": [stop]}))
+    hostile_ids = {"suppress_tokens": [stop], "sequence_bias": [[[stop], -1000.0]]}  # we set the first one
+    (hostile_dir / "generation_config.json").write_text(json.dumps({**HOSTILE, **hostile_ids}))
     hostile = build(LLMCheckpoint(any_llm.name, hostile_dir)).eval()
     spies = [GenerateSpy(m, monkeypatch) for m in (model, hostile)]
     batch = {"image": images(2, seed=5), "prompt": ["what", "is there a red circle?"]}
@@ -378,7 +379,21 @@ def test_checkpoint_generation_config_does_not_change_generate(any_llm, tmp_path
         lambda module, args, out: out + 100.0 * F.one_hot(torch.tensor(stop), out.shape[-1]))
     out = raw.generate(inputs_embeds=inputs, attention_mask=mask,
                        generation_config=model.generation_config(1, 8, 1, 1.0)).tolist()
-    assert all(stop not in row for row in out)  # min_length / suppress_tokens leak: it never stops
+    assert all(stop not in row for row in out)  # sequence_bias (a key we leave unset) leaks: it never stops
+
+
+def test_ids_past_the_tokenizer_are_never_generated(make_internlm2_checkpoint, monkeypatch):
+    """An embedding table larger than the tokenizer (opt-2.7b: 50272 rows for 50265 tokens): the extra rows
+    decode to nothing, or not at all (sentencepiece), so generation suppresses them even when they score best."""
+    model = build(LLMCheckpoint("internlm2", make_internlm2_checkpoint(vocab_size=640))).eval()
+    n = len(model.tokenizer)
+    assert model.llm_model.get_output_embeddings().weight.shape[0] == 640 > n
+    model.llm_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: out + 100.0 * F.one_hot(torch.tensor(n + 7), out.shape[-1]))
+    spy = GenerateSpy(model, monkeypatch)
+    for num_beams in (1, 3):
+        assert len(model.generate({"image": images(2)}, num_beams=num_beams, max_new_tokens=4)) == 2
+        assert max(max(row) for row in spy.last()) < n
 
 
 def test_postprocess_cuts_at_first_newline_and_strips(tiny_qwen2_dir):

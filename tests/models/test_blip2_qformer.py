@@ -166,6 +166,8 @@ def test_config_errors(tmp_path):
         Blip2Qformer(tiny_config(qformer={"vocab_size": 30523}))
     with pytest.raises(ValueError, match="encoder_width=1408 but tiny features are 64 wide"):
         Blip2Qformer(tiny_config(qformer={"encoder_width": 1408}))
+    with pytest.raises(ValueError, match=r"images are 32x32 px but model.img_size=64: .*image_size=64"):
+        Blip2Qformer(tiny_config()).encode_image(torch.zeros(1, 3, 32, 32))
 
 
 def test_lavis_style_checkpoint_round_trip(tmp_path):

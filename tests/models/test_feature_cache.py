@@ -73,7 +73,7 @@ def test_cache_needs_a_frozen_encoder():
 def stage1_project(tmp_path_factory):
     """Stage 1 on 16 generated training images with a frozen encoder."""
     tmp = tmp_path_factory.mktemp("feature_cache")
-    cfg = yaml.safe_load((ROOT / "projects/blip2/train/pretrain_stage1.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "projects/blip2/train/pretrain_stage1_shapes.yaml").read_text())
     cfg["model"]["freeze_vit"] = True
     cfg["datasets"]["shapes_retrieval"]["generator"] = {"train": 16, "val": 8, "test": 8}
     path = tmp / "project.yaml"

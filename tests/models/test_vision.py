@@ -200,3 +200,14 @@ def test_unknown_vit_model_and_bad_size():
         create_vision_encoder("eva_clip_h")
     with pytest.raises(ValueError, match="not a multiple"):
         create_vision_encoder("tiny", img_size=70)
+
+
+def test_vit_depth_keeps_the_first_blocks_of_a_deeper_checkpoint(tmp_path):
+    full = create_vision_encoder("tiny", img_size=64)
+    torch.save(full.state_dict(), tmp_path / "vit.pth")
+    shallow = create_vision_encoder("tiny", img_size=64, depth=1)
+    assert len(shallow.blocks) == 1 and shallow.num_features == full.num_features
+    load_vision_weights(shallow, "tiny", tmp_path / "vit.pth")  # block 1 of the file is dropped
+    torch.testing.assert_close(shallow.blocks[0].mlp.fc2.weight, full.blocks[0].mlp.fc2.weight)
+    with pytest.raises(ValueError, match=r"model.vit_depth=3: tiny has 2 blocks; choose 1 to 2"):
+        create_vision_encoder("tiny", img_size=64, depth=3)
