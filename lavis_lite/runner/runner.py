@@ -384,7 +384,7 @@ def validate(cfg: DictConfig, sources: Sources | None = None) -> tuple[RunConfig
     if run_cfg.valid_splits and not run_cfg.evaluate and metrics is not None and run_cfg.best_metric not in metrics:
         origin = sources.origin("run.best_metric") if sources else "the config"
         raise ConfigError(f"run.best_metric={run_cfg.best_metric!r} (set in {origin}) is not a metric of task "
-                          f"{run_cfg.task!r}{did_you_mean(run_cfg.best_metric, metrics)}; it reports "
+                          f"{run_cfg.task!r}{did_you_mean(run_cfg.best_metric, metrics) or '.'} It reports "
                           f"{', '.join(sorted(metrics))}")
     merge_onto(MODELS.get(cfg.model.arch).config_class, cfg.model, "model", sources)
     for name, node in cfg.datasets.items():
