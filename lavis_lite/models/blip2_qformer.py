@@ -159,9 +159,11 @@ class Blip2Base(BaseModel):
             if qcfg.vocab_size is None:
                 qcfg.vocab_size = vocab_size
             elif qcfg.vocab_size != vocab_size:
-                raise ValueError(f"tokenizer at {cfg.tokenizer_path} has {vocab_size} tokens with [DEC] but "
-                                 f"model.qformer.vocab_size={qcfg.vocab_size}; set model.qformer.vocab_size="
-                                 f"{vocab_size} (or null to follow the tokenizer)")
+                raise ValueError(f"model.tokenizer_path={cfg.tokenizer_path} has {vocab_size} tokens with [DEC] but "
+                                 f"model.qformer.vocab_size={qcfg.vocab_size} (model type {cfg.model_type}: a "
+                                 f"{qcfg.vocab_size - 1}-word BERT vocabulary, e.g. bert-base-uncased's). If that BERT "
+                                 "is meant, point model.tokenizer_path (and model.bert_init_path) at its folder; to "
+                                 "train with this tokenizer instead, set model.qformer.vocab_size=null")
         self.Qformer = QFormer(qcfg)
         self.query_tokens = nn.Parameter(torch.zeros(1, qcfg.num_query_token, qcfg.hidden_size))
         nn.init.normal_(self.query_tokens, std=qcfg.initializer_range)

@@ -162,7 +162,9 @@ def test_every_yaml_validates_and_tiny_builds():
 def test_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no vocab.txt there; point it at a local BERT tokenizer"):
         Blip2Qformer(tiny_config(tokenizer_path=str(tmp_path)))
-    with pytest.raises(ValueError, match=r"set model.qformer.vocab_size=167"):
+    # the model type expects bert-base-uncased's vocabulary: the fix is the tokenizer's folder, not the size
+    with pytest.raises(ValueError, match=r"has 167 tokens .* 30522-word BERT vocabulary.* point model\.tokenizer_path"
+                                         r".* set model\.qformer\.vocab_size=null"):
         Blip2Qformer(tiny_config(qformer={"vocab_size": 30523}))
     with pytest.raises(ValueError, match="encoder_width=1408 but tiny features are 64 wide"):
         Blip2Qformer(tiny_config(qformer={"encoder_width": 1408}))
@@ -300,3 +302,35 @@ def test_random_vit_is_refused(tmp_path):
     # pretrained (with the encoder) then finetuned (without): the encoder comes from the first
     model = tiny_model(seed=2, pretrained=str(tmp_path / "full.pth"), finetuned=str(tmp_path / "no_vit.pth"))
     torch.testing.assert_close(model.visual_encoder.patch_embed.proj.weight, source.visual_encoder.patch_embed.proj.weight)
+
+
+def test_a_chinese_bert_initialises_the_qformer_and_trains_on_chinese_captions(tmp_path, shapes_root):
+    """model.bert_init_path / model.tokenizer_path take any BERT folder: here one in bert-base-chinese's
+    conventions (its own vocabulary size, one token per CJK character), written by transformers."""
+    import json
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    captions = [r["caption"] for r in json.loads((shapes_root / "annotations/caption_cn_train.json").read_text())]
+    special = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted({c for text in captions for c in text if not c.isspace()})
+    vocab = special + chars
+    bert = tmp_path / "tiny_bert_chinese"
+    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(3)
+    BertForMaskedLM(config).save_pretrained(bert)
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    reference = BertForMaskedLM.from_pretrained(bert).bert.embeddings.word_embeddings.weight
+
+    model = tiny_model(bert_init_path=str(bert), tokenizer_path=str(bert))
+    assert len(model.tokenizer) == len(vocab) + 1  # + [DEC]
+    words = model.Qformer.bert.embeddings.word_embeddings.weight
+    assert words.shape[0] == len(vocab) + 1 and torch.equal(words[: len(vocab)], reference)
+    ids = model.tokenizer(captions[0]).input_ids[1:-1]
+    assert model.tokenizer.unk_token_id not in ids
+    assert len(ids) == len([c for c in captions[0] if not c.isspace()])  # a token per character
+    batch = make_batch(4)
+    batch["text_input"] = captions[:4]
+    losses = model(batch)
+    assert all(torch.isfinite(losses[k]) for k in ("loss", "loss_itc", "loss_itm", "loss_lm"))
