@@ -1,11 +1,16 @@
 from setuptools import find_packages, setup
 
+# the lmms-eval model "lavis_lite" (lavis_lite/integrations/lmms_eval.py); lmms-eval 0.7.3's evaluator imports
+# filelock._api, which filelock 4 removed
+LMMS_EVAL = ["lmms_eval==0.7.3", "filelock<4"]
+
 setup(
     name="lavis_lite",
     version="0.1.0",
     description="A small, fast, honest research framework for Q-Former vision-language models (BLIP-2)",
     python_requires=">=3.10",
     packages=find_packages(include=["lavis_lite", "lavis_lite.*"]),
+    py_modules=["lavis_lite_lmms_eval"],  # the lmms-eval entry point, importable without importing lavis_lite
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -26,11 +31,15 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "lmms": LMMS_EVAL,
+        "test": ["pytest>=8", *LMMS_EVAL],  # CI runs the lmms-eval adapter's tests too
+    },
     entry_points={
         "console_scripts": [
             "lavis-lite-train=lavis_lite.train:main",
             "lavis-lite-evaluate=lavis_lite.evaluate:main",
-        ]
+        ],
+        "lmms_eval.models": ["lavis_lite=lavis_lite_lmms_eval:MANIFEST"],  # lmms-eval's model plug-ins
     },
 )

@@ -143,6 +143,8 @@ def options_for(project: Path, arch: str, model_type: str, output_dir: Path, req
         options.append(f"datasets.{name}.build_info.storage={data / STORAGE[name]}")
         if name == "ok_vqa":  # OK-VQA's annotations name COCO images: build_info.images points at them
             options.append(f"datasets.ok_vqa.build_info.images={data / STORAGE[name] / 'coco_images'}")
+    if head.run.task in ("captioning", "vqa"):  # generation is exercised, not measured: one beam, few tokens
+        options += ["run.num_beams=1", "run.max_len=3", "run.min_len=1"]
     if project.parent.name == "train":
         options += ["run.runner=runner_iter", "run.max_iters=2", "run.iters_per_inner_epoch=2",
                     "run.save_freq_epochs=0"]

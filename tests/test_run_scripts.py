@@ -1,6 +1,7 @@
 """The launchers end to end on CPU, as a user runs them (shortened epochs, default data): the
-learning demo (tiny LLM warm-up, stage 1, stage 2, zero-shot VQA next to its baselines), then the
-Chinese stage 2 and the VQA launcher on 2 processes from the demo's checkpoints."""
+learning demo (tiny LLM warm-up, stage 1, stage 2, zero-shot VQA next to its baselines, Chinese
+stage 2, captions in both languages next to the LLM alone), then the bilingual stage 2 and the VQA
+launcher on 2 processes from the demo's checkpoints."""
 import json
 import math
 import os
@@ -21,6 +22,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("scripts")
+
+
+def mostly_chinese(text):
+    """More than half of the non-space characters are CJK ideographs."""
+    chars = [c for c in text if not c.isspace()]
+    return sum("\u4e00" <= c <= "\u9fff" for c in chars) > len(chars) / 2
 
 
 def env(workdir, nproc=1):
@@ -101,18 +108,42 @@ def test_demo_trains_both_stages_and_scores_vqa_next_to_baselines(demo, workdir)
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
 
 
-def test_chinese_stage2_from_the_demo_checkpoint(demo, workdir):
+def test_demo_captions_in_both_languages_next_to_the_llm_alone(demo, workdir):
+    out, stdout = demo
+    summary = json.loads((out / "summary.json").read_text())
+    for language, metric in (("en", "CIDEr"), ("zh", "CIDEr_char")):
+        scores = summary["captions"][language]["scores"]
+        model, alone = scores["BLIP-2 (image + LLM)"], scores["LLM alone, no image"]
+        assert model[metric] > alone[metric] + 0.3, (language, scores)  # the image makes the captions
+        assert f"{model[metric]:.2f}" in stdout and f"{alone[metric]:.2f}" in stdout
+        samples = summary["captions"][language]["samples"]
+        assert len(samples) == 3 and all(s["model"] and s["reference"] for s in samples)
+    # the LLM alone writes one caption whatever the image
+    alone = json.loads((out / "caption_zh_no_image" / "result" / "test_caption_result.json").read_text())
+    assert len({r["caption"] for r in alone}) == 1
+    # the Chinese model writes Chinese, and is scored under both tokenisations
+    chinese = json.loads((out / "caption_zh" / "result" / "test_caption_result.json").read_text())
+    assert len(chinese) == 200 and sum(map(mostly_chinese, (r["caption"] for r in chinese))) >= 0.95 * 200
+    record = [r for r in read_log(out / "caption_zh" / "log.jsonl") if "test_CIDEr_char" in r][-1]
+    assert math.isfinite(record["test_CIDEr_jieba"]) and record["test_CIDEr_jieba"] != record["test_CIDEr_char"]
+    english = json.loads((out / "caption_en" / "result" / "test_caption_result.json").read_text())
+    assert not any(map(mostly_chinese, (r["caption"] for r in english)))
+
+
+def test_bilingual_stage2_captions_in_the_language_of_each_prompt(demo, workdir):
+    """One model, both data sets: the English val images captioned after "a photo of" come out in
+    English, the Chinese val images (the same kind of images) after "图片描述：" in Chinese."""
     out, _ = demo
-    chinese = workdir / "output" / "stage2_cn"
-    run("run_scripts/blip2/train_stage2_cn_shapes.sh", workdir, "run.progress_bar=false", "run.max_epoch=1",
-        f"run.output_dir={chinese}", f"model.pretrained={out / 'stage1' / 'checkpoint_best.pth'}")
-    # scored at character level and at jieba word level against the Chinese ground truth (how well it
-    # learns: docs/shapes_demo.md)
-    scores = [r for r in read_log(chinese / "log.jsonl") if "val_CIDEr_char" in r][-1]
-    assert all(math.isfinite(scores[k]) and scores[k] >= 0
-               for k in ("val_CIDEr_char", "val_Bleu_4_char", "val_CIDEr_jieba", "val_ROUGE_L_jieba"))
-    captions = json.loads((chinese / "result" / "val_caption_result.json").read_text())
-    assert len(captions) == 200 and all(c["caption"] for c in captions)
+    bilingual = workdir / "output" / "stage2_bilingual"
+    run("run_scripts/blip2/train_stage2_bilingual_shapes.sh", workdir, "run.progress_bar=false", "run.max_epoch=1",
+        f"run.output_dir={bilingual}", f"model.pretrained={out / 'stage1' / 'checkpoint_best.pth'}")
+    english = json.loads((bilingual / "result" / "shapes_caption_val_caption_result.json").read_text())
+    chinese = json.loads((bilingual / "result" / "shapes_caption_cn_val_caption_result.json").read_text())
+    assert len(english) == len(chinese) == 200
+    assert sum(map(mostly_chinese, (r["caption"] for r in chinese))) >= 0.95 * 200
+    assert not any(map(mostly_chinese, (r["caption"] for r in english)))
+    record = [r for r in read_log(bilingual / "log.jsonl") if "shapes_caption_cn/val_CIDEr_char" in r][-1]
+    assert record["shapes_caption_cn/val_CIDEr_char"] > 0.3 and record["shapes_caption/val_CIDEr"] > 0.3, record
 
 
 def test_vqa_launcher_on_two_processes_matches_one(demo, workdir):

@@ -19,7 +19,8 @@ from lavis_lite.models import bow_tagger  # noqa: F401  (registers bow_tagger)
 from lavis_lite.models.base import BaseModel, read_checkpoint
 from lavis_lite.registry import MODELS
 
-__all__ = ["BaseModel", "create_model", "load_model", "load_model_and_preprocess", "model_zoo"]
+__all__ = ["BaseModel", "create_model", "load_model", "load_model_and_preprocess", "model_zoo", "resolve_model",
+           "stored_model_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +105,20 @@ def load_model(name: str, model_type: str, is_eval: bool = False, device: str | 
     ``llm_path=...``, ``pretrained=...``). A checkpoint of our runner rebuilds the model it was trained
     with: layers (later wins) are the model type's defaults, the checkpoint's stored ``model:`` config
     (``name`` replaces its arch), ``overrides``; its weights are loaded last. A LAVIS ``.pth`` (no
-    stored config) is loaded into the model type's defaults with ``overrides``.
+    stored config) is loaded into the model type's defaults with ``overrides``. A Hugging Face BLIP-2
+    directory dictates the sizes in its config.json (``BaseModel.checkpoint_config``).
     """
     state = stored = None
+    model_cls = MODELS.get(name)
     if checkpoint is not None:
         state, config_yaml = read_checkpoint(checkpoint, "load_model(checkpoint=...)")
         stored = _stored_model_config(config_yaml, name, checkpoint, overrides)
     node = _model_node(name, model_type, (f"checkpoint {checkpoint}", stored),
                        ("load_model keyword arguments", overrides))
-    model = MODELS.get(name).from_config(node, warn_untrained=state is None)
+    if checkpoint is not None:
+        node = OmegaConf.merge(node, model_cls.checkpoint_config(checkpoint, merge_onto(model_cls.config_class, node,
+                                                                                         "model")))
+    model = model_cls.from_config(node, warn_untrained=state is None)
     if state is not None:
         model.load_weights(state, str(checkpoint))
         model.warn_untrained()
@@ -134,6 +140,60 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
     vis = {split: build_processor(node) for split, node in preprocess.get("vis_processor", {}).items()}
     txt = {split: build_processor(node) for split, node in preprocess.get("text_processor", {}).items()}
     return load_model(name, model_type, is_eval, device, checkpoint, **overrides), vis, txt
+
+
+def resolve_model(cfg: str | None, checkpoint: str | None, cfg_option: str = "cfg=",
+                  checkpoint_option: str = "checkpoint=") -> tuple[str, str, dict[str, Any]]:
+    """(arch, model_type, model config overrides) that ``cfg`` names: a project yaml (its ``model:`` section), a
+    model type's yaml (``configs/models/<arch>/<model_type>.yaml``, or a copy elsewhere whose keys are overrides)
+    or ``<arch>/<model_type>``; without it, ``checkpoint``'s stored run config. ``*_option``: how the caller's
+    user gives each (``cfg=`` for lmms-eval's model args, ``--cfg-path `` for a CLI), for error messages."""
+    if cfg is None:
+        if checkpoint is None:
+            raise ValueError(f"name the model: {cfg_option}<project yaml, configs/models/<arch>/<model_type>.yaml or "
+                             f"<arch>/<model_type>> and/or {checkpoint_option}<runner checkpoint>")
+        node = stored_model_config(checkpoint, cfg_option, checkpoint_option)
+        return str(node.arch), str(node.model_type), {}
+    path = Path(cfg)
+    if not path.is_file() and cfg.count("/") == 1 and model_config_path(*cfg.split("/")).is_file():
+        arch, model_type = cfg.split("/")
+        return arch, model_type, {}
+    yaml = load_yaml(path, cfg_option.strip(" ="))
+    if "model" in yaml:  # a project yaml
+        node = OmegaConf.to_container(yaml.model, resolve=True)
+        missing = [key for key in ("arch", "model_type") if key not in node]
+        if missing:
+            raise ValueError(f"{cfg_option}{cfg}: its model section has no {' or '.join(missing)}; name the model "
+                             "type as load_model does (model.arch, model.model_type)")
+        return node.pop("arch"), node.pop("model_type"), node
+    arch, model_type = path.parent.name, path.stem  # a model type's yaml: configs/models/<arch>/<model_type>.yaml
+    default = model_config_path(arch, model_type)
+    if not default.is_file():
+        raise ValueError(f"{cfg_option}{cfg} is neither a project yaml (it has no model: section) nor a model type's "
+                         f"yaml (there is no {default}); give one of those or <arch>/<model_type>")
+    if path.resolve() == default.resolve():
+        return arch, model_type, {}
+    overrides = OmegaConf.to_container(yaml, resolve=True)  # a copy elsewhere: its keys win over the defaults
+    overrides.pop("preprocess", None)
+    return arch, model_type, overrides
+
+
+def stored_model_config(checkpoint: str, cfg_option: str = "cfg=",
+                        checkpoint_option: str = "checkpoint=") -> DictConfig:
+    """The ``model:`` section of the run config a lavis_lite runner checkpoint stores (memory-mapped: no
+    weights are read)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint_option}{checkpoint}: no such file or directory")
+    config = None
+    if path.is_file() and path.suffix != ".safetensors":
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        config = state.get("config") if isinstance(state, dict) else None
+    node = OmegaConf.create(config).get("model") if isinstance(config, str) else None
+    if not isinstance(node, DictConfig) or "arch" not in node or "model_type" not in node:
+        raise ValueError(f"{checkpoint_option}{checkpoint} stores no run config naming its model (only lavis_lite "
+                         f"runner checkpoints do): also give {cfg_option}<project yaml or <arch>/<model_type>>")
+    return node
 
 
 class ModelZoo:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from lavis_lite.config import merge_onto
@@ -14,15 +15,19 @@ logger = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], Optional[str]]:
-    """(tensors, the run's resolved config as YAML or None) from a ``.safetensors`` file or a torch
-    checkpoint, loaded with ``weights_only=True``.
+    """(tensors, the run's resolved config as YAML or None) from a ``.safetensors`` file, a torch
+    checkpoint (loaded with ``weights_only=True``) or a Hugging Face BLIP-2 directory (``hf_blip2.py``).
 
     A LAVIS ``.pth`` keeps the weights under ``"model"`` (a bare state dict is accepted too); ours also
     keep the run's config under ``"config"`` (``lavis_lite/runner/checkpoint.py``).
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face save_pretrained directory
+        from lavis_lite.models.hf_blip2 import read_hf_blip2
+
+        return read_hf_blip2(path, what), None
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: no file at {path}")
+        raise FileNotFoundError(f"{what}: no file or directory at {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -34,6 +39,13 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict[st
     if not isinstance(ckpt, dict):
         raise ValueError(f"{what}: {path} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt, config
+
+
+def building_weightless() -> bool:
+    """Whether models are being built under ``torch.device("meta")``: parameters get shapes but no memory,
+    so files that only give weights or token ids (a tokenizer, the LLM's weights) are not needed
+    (``python -m lavis_lite.models.convert --keys``)."""
+    return torch.get_default_device().type == "meta"
 
 
 def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -56,12 +68,17 @@ class BaseModel(nn.Module):
 
     @classmethod
     def from_config(cls, node: Any, warn_untrained: bool = True) -> "BaseModel":
-        """Build from ``node`` (merged onto ``config_class``), then load ``pretrained`` and ``finetuned``.
+        """Build from ``node`` (merged onto ``config_class``; sizes a ``pretrained`` or ``finetuned`` checkpoint
+        dictates win, see ``checkpoint_config``), then load ``pretrained`` and ``finetuned``.
 
         ``warn_untrained``: warn if a part still has no weights (``untrained_parts``); False when the
         caller loads more weights first and warns itself (``load_model``).
         """
         cfg = merge_onto(cls.config_class, node, "model")
+        for key in ("pretrained", "finetuned"):
+            given = cls.checkpoint_config(getattr(cfg, key), cfg) if getattr(cfg, key, None) else {}
+            if given:
+                cfg = merge_onto(cls.config_class, OmegaConf.merge(OmegaConf.structured(cfg), given), "model")
         model = cls(cfg)
         for key in ("pretrained", "finetuned"):  # LAVIS's order: pre-training, then fine-tuning
             if getattr(cfg, key, None):
@@ -84,7 +101,7 @@ class BaseModel(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
         """``load_checkpoint`` for tensors already read from ``source``."""
-        state = self.convert_state_dict(state)
+        state = self.fill_tied(self.convert_state_dict(state))
         self.load_state_dict_checked(state, source=source, strict=strict, allow_missing=self.allow_missing(state))
         self.mark_loaded(state)
 
@@ -106,9 +123,32 @@ class BaseModel(nn.Module):
             logger.warning("%s: %s %s randomly initialised: set %s", name, " and ".join(p for p, _ in parts), verb,
                            " and ".join(keys for _, keys in parts))
 
+    @classmethod
+    def checkpoint_config(cls, path: str | Path, cfg: Any) -> dict[str, Any]:
+        """Config keys a checkpoint at ``path`` dictates before the model is built (e.g. the sizes in a
+        Hugging Face directory's config.json), given the current config ``cfg``; none by default."""
+        return {}
+
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint's keys onto ours; identity by default."""
         return state
+
+    def fill_tied(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with every name of a tied parameter that it lacks taken from a partner it has.
+
+        safetensors and ``save_pretrained`` store each shared tensor once (e.g. the Q-Former's LM head
+        ``decoder.weight``, tied to the word embeddings, and ``decoder.bias``, which is ``predictions.bias``).
+        """
+        names: dict[int, list[str]] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        filled = dict(state)
+        for group in names.values():
+            source = next((n for n in group if n in state), None)
+            if source is not None:
+                for name in group:
+                    filled.setdefault(name, state[source])
+        return filled
 
     def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
         """Key prefixes this particular (converted) checkpoint may lack, beyond ``ignore_missing_prefixes``."""
@@ -116,6 +156,12 @@ class BaseModel(nn.Module):
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str, strict: bool = True,
                                 allow_missing: tuple[str, ...] = ()) -> None:
+        own = self.state_dict()
+        mismatched = [f"{k}: checkpoint {list(v.shape)} but the model {list(own[k].shape)}"
+                      for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if mismatched:
+            raise RuntimeError(f"{source}: size mismatch for {len(mismatched)} tensors ({'; '.join(mismatched[:3])}); "
+                               "is this checkpoint for this model.arch/model_type and its size overrides?")
         result = self.load_state_dict(state, strict=False)
         allowed = self.ignore_missing_prefixes + allow_missing
         missing = [k for k in result.missing_keys if not k.startswith(allowed)]

@@ -2,8 +2,8 @@
 embeddings, trained on captions (Li et al., BLIP-2, 2023; LAVIS: blip2_opt.py, blip2_t5.py, ...).
 
 One class serves every LLM: whatever differs between families (loading, bos, end-of-answer token,
-padding, dtype) comes from the registered ``LLMBackbone`` (lavis_lite/models/llm/). How we differ
-from LAVIS:
+padding, dtype, a chat model's prompt template) comes from the registered ``LLMBackbone``
+(lavis_lite/models/llm/). How we differ from LAVIS:
 - the end of an answer is the one token that decodes to ``end_of_answer`` ("\\n"), not the first
   id of tokenizing "\\n" (which for sentencepiece LLMs is the bare "▁" piece);
 - prompt and answer are tokenized separately (the loss mask is exact) and padding is found through
@@ -28,6 +28,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from lavis_lite.models.blip2_qformer import Blip2Base, Blip2VisionConfig
+from lavis_lite.models.hf_blip2 import load_llm
 from lavis_lite.models.llm import LLMBackbone, dtype_from_name
 from lavis_lite.registry import LLMS, MODELS
 
@@ -77,16 +78,23 @@ class Blip2LLM(Blip2Base):
         hidden = self.init_vision_and_qformer(cfg, vocab_size=None)
         self.backbone: LLMBackbone = LLMS.get(cfg.llm)()
         dtype = dtype_from_name(cfg.llm_dtype or self.backbone.default_dtype)
-        self.tokenizer = self.backbone.load_tokenizer(cfg.llm_path)
-        self.llm_model = self.backbone.load_model(cfg.llm_path, dtype)
+        # llm_path: an LLM directory, or a Hugging Face BLIP-2 one (its language model); on meta: sizes only
+        self.tokenizer, self.llm_model = load_llm(self.backbone, cfg.llm_path, dtype)
         self.llm_model.generation_config = GenerationConfig()
         self.llm_model.requires_grad_(False)
         if cfg.lora_r > 0:
             self._add_lora(cfg)
         self.llm_proj = nn.Linear(hidden, self.llm_model.get_input_embeddings().embedding_dim)
+        if self.tokenizer is None:  # built on the meta device to list keys and shapes: no token ids
+            self.bos_id = self.stop_id = self.pad_id = None
+            return
         self.bos_id = self.backbone.bos_token_id(self.tokenizer)
         self.stop_id = self.backbone.stop_token_id(self.tokenizer)
         self.pad_id = self.backbone.pad_token_id(self.tokenizer)
+        template = sum(map(len, self.backbone.encode_prompt(self.tokenizer, "")))
+        if template >= cfg.max_txt_len:  # every answer would be cut down to its stop token
+            raise ValueError(f"model.max_txt_len={cfg.max_txt_len} leaves no room for answers: the prompt template of "
+                             f"llm {cfg.llm!r} alone is {template} tokens; raise model.max_txt_len")
 
     def _add_lora(self, cfg: Blip2LLMConfig) -> None:
         from peft import LoraConfig, get_peft_model
@@ -117,23 +125,32 @@ class Blip2LLM(Blip2Base):
                      padding_side: Literal["left", "right"] = "right", truncate: bool = True):
         """(inputs_embeds [B, L, H], attention_mask [B, L], labels [B, L]) for
         ``[bos] + queries + prompt + answer + stop`` (or ``queries + [bos] + ...`` when the backbone
-        says so). Labels are -100 everywhere but the answer tokens and the stop token. With ``truncate``
-        an answer is cut (keeping its stop token) so that prompt + answer fit ``max_txt_len``."""
+        says so), the prompt in the backbone's template: a chat backbone gives
+        ``[bos] + head + queries + tail(prompt) + answer + stop`` (``LLMBackbone.format_prompt``).
+        Labels are -100 everywhere but the answer tokens and the stop token, and, in LAVIS's OPT layout
+        with no prompt, the bos after the queries (LAVIS Blip2OPT masks the prompt's tokens, bos included,
+        and with no prompt leaves the bos a target: so its stage-2 loss and ours agree). With ``truncate``
+        an answer is cut (keeping its stop token) so that the template's text, prompt and answer fit
+        ``max_txt_len``."""
         embed = self.llm_model.get_input_embeddings()
         bos = [] if self.bos_id is None else [self.bos_id]
-        before, after_bos = (bos, []) if self.backbone.bos_before_queries else ([], bos)
+        first, after_queries = (bos, []) if self.backbone.bos_before_queries else ([], bos)
         rows, labels = [], []
         for i, prompt in enumerate(prompts):
-            prompt_ids = after_bos + (self.backbone.encode(self.tokenizer, prompt) if prompt else [])
+            head, tail = self.backbone.encode_prompt(self.tokenizer, prompt)
+            before, prompt_ids = first + head, after_queries + tail
             answer_ids = self.backbone.encode_answer(self.tokenizer, answers[i]) if answers is not None else []
-            room = max(self.cfg.max_txt_len - len(prompt_ids), 1)
+            room = max(self.cfg.max_txt_len - len(head) - len(prompt_ids), 1)
             if truncate and len(answer_ids) > room:  # keep the stop token: the model must still learn to end
                 answer_ids = answer_ids[: room - 1] + [self.stop_id]
             ids = torch.tensor(before + prompt_ids + answer_ids, dtype=torch.long, device=queries.device)
             tokens = embed(ids)
             n_before = len(before)
             rows.append(torch.cat([tokens[:n_before], queries[i], tokens[n_before:]]))
-            labels.append([-100] * (n_before + queries.shape[1] + len(prompt_ids)) + answer_ids)
+            prompt_labels = [-100] * len(prompt_ids)
+            if answers is not None and after_queries and prompt_ids == after_queries:  # LAVIS OPT, no prompt
+                prompt_labels = after_queries
+            labels.append([-100] * (n_before + queries.shape[1]) + prompt_labels + answer_ids)
         return self._pad(rows, labels, padding_side)
 
     def _pad(self, rows: list[torch.Tensor], labels: list[list[int]], side: str):
@@ -151,9 +168,11 @@ class Blip2LLM(Blip2Base):
         return torch.stack(inputs), torch.tensor(masks, device=device), torch.tensor(targets, device=device)
 
     # ------------------------------------------------------------------------------ training
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, Any], return_outputs: bool = False) -> dict[str, torch.Tensor]:
         """batch: image [B, 3, H, W], text_input list of captions, optional prompt list.
-        Returns {"loss"}: mean cross-entropy over answer tokens (stop token included)."""
+        Returns {"loss"}: mean cross-entropy over the labelled tokens (answer and stop token; see
+        ``build_inputs``); with ``return_outputs`` also "logits" [B, L, vocab] (float32) and "labels"
+        [B, L] (position t's logits predict label t + 1)."""
         queries = self.query_embeds(batch["image"])
         inputs, mask, labels = self.build_inputs(queries, self.prompts(batch, len(queries)), batch["text_input"])
         logits = self.llm_model(inputs_embeds=inputs, attention_mask=mask).logits.float()
@@ -164,7 +183,7 @@ class Blip2LLM(Blip2Base):
                     f"{str(dtype).removeprefix('torch.')})")
             raise FloatingPointError(f"the LLM produced non-finite logits{hint}")
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return {"loss": loss}
+        return {"loss": loss, "logits": logits, "labels": labels} if return_outputs else {"loss": loss}
 
     # ----------------------------------------------------------------------------- inference
     def generation_config(self, num_beams: int, max_new_tokens: int, min_new_tokens: int,
@@ -198,7 +217,8 @@ class Blip2LLM(Blip2Base):
         return [self.cfg.prompt if prompt is None else prompt for prompt in given]
 
     def postprocess(self, text: str) -> str:
-        """Cut at the first end-of-answer text, strip."""
+        """Cut at the first end-of-answer text, strip. A special-token stop word ("<|im_end|>") is already
+        gone from ``text`` (decoded with ``skip_special_tokens``), and generation ended at it."""
         return text.split(self.backbone.end_of_answer, 1)[0].strip()
 
     @torch.no_grad()
@@ -258,7 +278,7 @@ class Blip2LLM(Blip2Base):
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
         """As BaseModel's; a missing file suggests the newest stage-1 checkpoint under ./output."""
-        if not Path(path).is_file():
+        if not Path(path).exists():  # a file, or a Hugging Face BLIP-2 directory
             found = sorted(Path("output").glob("**/checkpoint_*.pth"), key=lambda p: p.stat().st_mtime)
             hint = f"; the newest checkpoint under ./output is {found[-1]}" if found else (
                 "; train stage 1 first (bash run_scripts/blip2/train_stage1_shapes.sh)")

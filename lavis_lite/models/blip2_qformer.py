@@ -5,7 +5,8 @@ blip2_image_text_matching.py.
 Archs: ``blip2`` (training: ``forward(batch)`` -> losses), ``blip2_feature_extractor``
 (``extract_features``) and ``blip2_image_text_matching`` (``forward(samples, match_head)``), all one class
 family sharing one config; model types ``pretrain`` (EVA-CLIP-g), ``pretrain_vitL`` (CLIP-L), ``coco``
-(364 px, ViT trained) and ``tiny`` (tests, CPU demos).
+(364 px, ViT trained) and ``tiny`` (tests, CPU demos). Any of them also loads a Hugging Face BLIP-2
+directory as ``pretrained`` (``hf_blip2.py``: sizes from its config.json, as far as its heads exist).
 
 How we differ from LAVIS:
 - distributed ITC/ITM go through ``lavis_lite.dist`` (no process group needed in one process); the
@@ -33,12 +34,13 @@ from transformers import BertTokenizer
 
 from lavis_lite import dist
 from lavis_lite.config import CONFIG_ROOT
-from lavis_lite.models import losses
-from lavis_lite.models.base import BaseModel
+from lavis_lite.models import hf_blip2, losses
+from lavis_lite.models.base import BaseModel, building_weightless
 from lavis_lite.models.convert import convert_lavis_blip2
 from lavis_lite.models.feature_cache import ImageFeatureCache
 from lavis_lite.models.qformer import QFormer, QFormerConfig, init_from_bert
 from lavis_lite.models.vision import (
+    VitArch,
     VitModel,
     VitPrecision,
     create_vision_encoder,
@@ -53,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 # ``vit_model``s trained from scratch on purpose (tests, CPU demos): no "randomly initialised" warning
 RANDOM_BY_DESIGN: tuple[str, ...] = ("tiny",)
-VIT_WEIGHT_FILES = {"eva_clip_g": "LAVIS eva_vit_g.pth", "clip_L": "LAVIS clip_vit_L.pth"}  # for that warning
+VIT_WEIGHT_FILES = {"eva_clip_g": "LAVIS eva_vit_g.pth", "clip_L": "LAVIS clip_vit_L.pth",  # for that warning
+                    "eva": "an EVA state dict; or a Hugging Face BLIP-2 directory as model.pretrained"}
 
 
 # --------------------------------------------------------------------------------------- config
@@ -64,7 +67,8 @@ class Blip2VisionConfig:
     arch: str = "blip2"
     model_type: str = "pretrain"
     # image encoder (vision.py)
-    vit_model: VitModel = "eva_clip_g"
+    vit_model: VitModel = "eva_clip_g"  # or "eva": the EVA layout with the sizes of vit_arch
+    vit_arch: VitArch = dataclasses.field(default_factory=VitArch)  # used by vit_model "eva" only
     vit_depth: Optional[int] = None  # None: the encoder's own depth; a smaller value for reduced-depth tests
     img_size: int = 224  # LAVIS: image_size
     drop_path_rate: float = 0.0
@@ -72,12 +76,13 @@ class Blip2VisionConfig:
     vit_precision: VitPrecision = "fp16"
     freeze_vit: bool = True  # no gradients, always in eval mode
     vit_pretrained: Optional[str] = None  # LAVIS eva_vit_g.pth / clip_vit_L.pth (or a timm state dict)
+    ln_vision_eps: float = 1e-5  # LAVIS's nn.LayerNorm default; Hugging Face BLIP-2 uses the ViT's layer_norm_eps
     # frozen encoder, unaugmented training images (train processor blip_image_eval): encode each image once
     cache_image_features: bool = False
     image_feature_cache_gb: float = 32.0  # per process, on the CPU; images beyond it are encoded every time
     # Q-Former (qformer.py); encoder_width comes from the image encoder, vocab_size must match the tokenizer
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
-    pretrained: Optional[str] = None  # checkpoint (LAVIS or ours) loaded after building
+    pretrained: Optional[str] = None  # checkpoint (LAVIS, ours, a Hugging Face BLIP-2 dir) loaded after building
     finetuned: Optional[str] = None  # a second checkpoint loaded over it (LAVIS's name), e.g. stage 2 over stage 1
 
 
@@ -132,13 +137,13 @@ class Blip2Base(BaseModel):
         """Build ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens``; return the Q-Former width.
         ``vocab_size``: the tokenizer's size, or None for a queries-only Q-Former (stage 2)."""
         self.visual_encoder = create_vision_encoder(cfg.vit_model, cfg.img_size, cfg.drop_path_rate,
-                                                    cfg.vit_use_checkpoint, cfg.vit_depth)
+                                                    cfg.vit_use_checkpoint, cfg.vit_depth, cfg.vit_arch)
         if cfg.vit_pretrained:
             load_vision_weights(self.visual_encoder, cfg.vit_model, cfg.vit_pretrained)
             self.vit_loaded = True
         set_vit_precision(self.visual_encoder, cfg.vit_precision)
         width = self.visual_encoder.num_features
-        self.ln_vision = nn.LayerNorm(width)
+        self.ln_vision = nn.LayerNorm(width, eps=cfg.ln_vision_eps)
         if cfg.freeze_vit:
             for param in self.visual_encoder.parameters():
                 param.requires_grad_(False)
@@ -233,8 +238,19 @@ class Blip2Base(BaseModel):
                           else "model.pretrained (a stage-1 checkpoint)"))
         return parts
 
+    @classmethod
+    def checkpoint_config(cls, path: str | Path, cfg: Blip2VisionConfig) -> dict[str, Any]:
+        """A Hugging Face BLIP-2 directory gives the sizes of everything (``hf_blip2.model_config``)."""
+        return hf_blip2.model_config(path, cfg) if hf_blip2.is_hf_blip2_dir(path) else {}
+
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py)."""
+        """Hugging Face BLIP-2 keys are renamed to LAVIS's (``hf_blip2.convert_hf_blip2``); then, as for
+        LAVIS checkpoints: drop ``position_ids``, map ``visual_encoder.*`` onto timm (see convert.py). A
+        language projection is dropped where the model has none (stage 1)."""
+        if hf_blip2.is_hf_blip2_state(state):
+            state = hf_blip2.convert_hf_blip2(state)
+            if not hasattr(self, "llm_proj"):
+                state = {k: v for k, v in state.items() if not k.startswith("llm_proj.")}
         return convert_lavis_blip2(
             state, lambda visual: vision_checkpoint_filter(self.cfg.vit_model, visual, self.visual_encoder)
         )
@@ -253,8 +269,14 @@ class Blip2Qformer(Blip2Base):
     def __init__(self, cfg: Blip2QformerConfig):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.tokenizer_path)
-        hidden = self.init_vision_and_qformer(cfg, vocab_size=len(self.tokenizer))
+        try:
+            self.tokenizer: Optional[BertTokenizer] = build_tokenizer(cfg.tokenizer_path)
+        except FileNotFoundError:
+            if not building_weightless() or cfg.qformer.vocab_size is None:
+                raise
+            self.tokenizer = None  # keys and shapes only (on the meta device): the vocabulary size is the config's
+        vocab_size = cfg.qformer.vocab_size if self.tokenizer is None else len(self.tokenizer)
+        hidden = self.init_vision_and_qformer(cfg, vocab_size=vocab_size)
         if cfg.bert_init_path:
             init_from_bert(self.Qformer, cfg.bert_init_path)
             self.qformer_loaded = True
@@ -405,6 +427,28 @@ class Blip2Qformer(Blip2Base):
         return features
 
     # ---------------------------------------------------------------------------- checkpoint filter
+    def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+        """Beyond the image encoder (``Blip2Base.allow_missing``), two kinds of checkpoint leave parts at
+        their initialisation, with a warning naming them: a queries-only Q-Former (Hugging Face
+        ``Blip2Model`` / ``Blip2ForConditionalGeneration``, a stage-2 checkpoint) lacks the text branch and
+        every head; Hugging Face ``Blip2ForImageTextRetrieval`` lacks ``temp`` and the LM head (ITG)."""
+        allowed = super().allow_missing(state)
+        if "Qformer.bert.embeddings.word_embeddings.weight" not in state:
+            what = "the Q-Former's text branch and the ITC/ITM/ITG heads (a queries-only Q-Former)"
+            layers = range(len(self.Qformer.bert.encoder.layer))
+            partial = ("Qformer.bert.embeddings.word_embeddings.", "Qformer.bert.embeddings.position_embeddings.",
+                       "Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.", "temp",
+                       *(f"Qformer.bert.encoder.layer.{i}.{part}." for i in layers for part in ("intermediate", "output")))
+        elif "temp" not in state and "Qformer.cls.predictions.transform.dense.weight" not in state:
+            what = "temp and the LM head (ITG) (no such weights in an image-text retrieval model)"
+            partial = ("temp", "Qformer.cls.predictions.transform.", "Qformer.cls.predictions.bias",
+                       "Qformer.cls.predictions.decoder.bias")
+        else:
+            return allowed
+        logger.warning("this checkpoint has no weights for %s: they keep their initialisation%s", what,
+                       " (from model.bert_init_path where it has them)" if self.cfg.bert_init_path else "")
+        return allowed + partial
+
 
 # ------------------------------------------------------------------------- variant registrations
 @MODELS.register("blip2_feature_extractor")

@@ -13,6 +13,9 @@ checkpoint keys onto timm's:
   blocks and no final norm (LAVIS ``create_clip_vit_L``: ``layers=23``). LAVIS keeps OpenAI's names
   (``conv1``, ``class_embedding``, ``transformer.resblocks.N.attn.in_proj_weight`` ...), renamed here.
 - ``tiny``: the EVA layout with 2 blocks of width 64 and patch 16, for tests and CPU demos.
+- ``eva``: the EVA layout at any size, from ``VitArch`` (``model.vit_arch``): width, depth, heads, MLP
+  width, patch, LayerNorm eps, q/v biases. A Hugging Face BLIP-2 ``vision_config`` maps onto it
+  (``hf_blip2.py``); HF's fused ``qkv.bias`` is LAVIS's ``q_bias``/``v_bias`` with a zero k part.
 
 Differences from LAVIS:
 - ``vit_precision`` fp16/bf16 converts Linear/Conv weights as LAVIS's ``convert_weights_to_fp16`` does
@@ -26,19 +29,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm
 from torch import nn
 
 from lavis_lite.models.base import load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
-VitModel = Literal["eva_clip_g", "clip_L", "tiny"]
+VitModel = Literal["eva_clip_g", "clip_L", "tiny", "eva"]
 VitPrecision = Literal["fp32", "fp16", "bf16"]
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -69,26 +74,58 @@ VIT_SPECS: dict[str, VitSpec] = {
 }
 
 
-def _spec(vit_model: str) -> VitSpec:
+@dataclasses.dataclass
+class VitArch:
+    """Sizes of ``vit_model: eva``, an EVA-layout ViT built from config values (defaults: EVA-CLIP-g as
+    LAVIS builds it). The Hugging Face ``Blip2VisionConfig`` names are in the comments."""
+
+    width: int = 1408  # hidden_size
+    depth: int = 39  # num_hidden_layers
+    num_heads: int = 16  # num_attention_heads
+    mlp_width: int = 6144  # intermediate_size
+    patch_size: int = 14  # patch_size
+    layer_norm_eps: float = 1e-6  # layer_norm_eps
+    qkv_bias: bool = True  # qkv_bias: q and v biases; EVA has no k bias
+
+
+def eva_spec(arch: VitArch) -> VitSpec:
+    """The timm build of ``arch`` (the code path of ``eva_clip_g`` with other sizes)."""
+    if arch.width % arch.num_heads:
+        raise ValueError(f"model.vit_arch.width={arch.width} is not a multiple of "
+                         f"model.vit_arch.num_heads={arch.num_heads}")
+    return VitSpec("eva_giant_patch14_224", "eva", (
+        ("depth", arch.depth), ("embed_dim", arch.width), ("num_heads", arch.num_heads),
+        # timm sizes the MLP as int(width * mlp_ratio): the half keeps float rounding from losing a unit
+        ("mlp_ratio", (arch.mlp_width + 0.5) / arch.width), ("patch_size", arch.patch_size),
+        ("qkv_bias", arch.qkv_bias), ("norm_layer", partial(LayerNorm, eps=arch.layer_norm_eps)),
+        ("use_post_transformer_norm", False),
+    ))
+
+
+def _spec(vit_model: str, arch: VitArch | None = None) -> VitSpec:
+    if vit_model == "eva":
+        return eva_spec(arch or VitArch())
     if vit_model not in VIT_SPECS:
         raise ValueError(f"model.vit_model={vit_model!r} is not a known image encoder; "
-                         f"choose one of {sorted(VIT_SPECS)}")
+                         f"choose one of {sorted(VIT_SPECS) + ['eva']} (eva: sizes from model.vit_arch)")
     return VIT_SPECS[vit_model]
 
 
 # ---------------------------------------------------------------------------------------- model
 def create_vision_encoder(
     vit_model: str, img_size: int = 224, drop_path_rate: float = 0.0, use_grad_checkpoint: bool = False,
-    depth: int | None = None,
+    depth: int | None = None, arch: VitArch | None = None,
 ) -> nn.Module:
     """The timm ViT for ``vit_model``, randomly initialised (load weights with ``load_vision_weights``).
+
+    ``arch``: the sizes of ``vit_model="eva"`` (ignored by the named encoders).
 
     ``depth``: fewer blocks than the encoder's own (None), e.g. for tests at the real width; a checkpoint's
     extra blocks are then dropped on load, as LAVIS drops EVA-CLIP-g's 40th.
     ``encoder.forward_features(image [B, 3, H, W])`` -> ``[B, 1 + (H/p)*(W/p), width]``;
     ``encoder.num_features`` is the width (1408 for eva_clip_g, 1024 for clip_L).
     """
-    spec = _spec(vit_model)
+    spec = _spec(vit_model, arch)
     kwargs = dict(spec.timm_kwargs)
     patch = kwargs.get("patch_size", 14)
     if img_size % patch:

@@ -213,6 +213,8 @@ def test_build_inputs_layout_labels_and_padding(any_llm, side):
             expected_labels = torch.full((length,), -100)
             answer = slice(offset + parts["answer"].start, offset + parts["answer"].stop)
             expected_labels[answer] = torch.tensor(answer_ids)
+            if LAYOUT[name][1] == "after_queries" and not prompts[i]:  # LAVIS Blip2OPT: the bos is a target
+                expected_labels[offset + parts["bos"].start] = model.bos_id
             assert labels[i].tolist() == expected_labels.tolist()  # -100 on bos, queries, prompt, padding
             # where the bos sits: compare embedding rows, not ids
             rows = inputs[i, real]
@@ -226,6 +228,32 @@ def test_build_inputs_layout_labels_and_padding(any_llm, side):
             if "bos" in parts:
                 torch.testing.assert_close(rows[parts["bos"]], embed(torch.tensor([model.bos_id])), rtol=0, atol=0)
     assert len(set(lengths)) == 3 and length == max(lengths) and (mask == 0).any()
+
+
+def test_opt_layout_loss_equals_lavis_blip2opt_label_formula(tiny_opt_dir):
+    """LAVIS Blip2OPT.forward, written out: tokens = tokenizer([prompt + text + "\\n"]) (bos "</s>" first),
+    targets = ids with pad -> -100 and the first prompt_length = len(tokenizer(prompt)) ids -> -100 when
+    there is a prompt, -100 for the query positions before them; loss = the LLM's shifted mean
+    cross-entropy. With no prompt LAVIS leaves the bos a target (the last query predicts it)."""
+    model = build(LLMCheckpoint("opt", tiny_opt_dir))
+    tok = model.tokenizer
+    for prompt in ("", "a photo of"):
+        batch = {"image": images(2), "text_input": ["a red circle", "there is a blue square left of a star"],
+                 "prompt": [prompt, prompt]}
+        with torch.no_grad():
+            out = model(batch, return_outputs=True)
+        assert set(out) == {"loss", "logits", "labels"} and out["logits"].shape[:2] == out["labels"].shape
+        opt_tokens = tok([prompt + t + "\n" for t in batch["text_input"]], padding="longest", return_tensors="pt")
+        targets = opt_tokens.input_ids.masked_fill(opt_tokens.input_ids == tok.pad_token_id, -100)
+        if prompt:
+            targets[:, : len(tok(prompt).input_ids)] = -100
+        q = model.num_query_token
+        lavis_targets = torch.cat([torch.full((2, q), -100), targets], dim=1)
+        assert out["labels"].tolist() == lavis_targets.tolist()
+        assert (lavis_targets[:, q] == tok.bos_token_id).all() == (not prompt)
+        expected = F.cross_entropy(out["logits"][:, :-1].flatten(0, 1), lavis_targets[:, 1:].flatten(),
+                                   ignore_index=-100)
+        torch.testing.assert_close(out["loss"], expected)
 
 
 def test_long_answer_is_cut_but_keeps_its_stop_token(any_llm):
@@ -245,6 +273,7 @@ def test_answer_token_equal_to_pad_id_is_still_a_target(any_llm):
     inside the answer stays a target, and the padded batch loss equals the loss without any padding."""
     model = build(any_llm)
     tok, pad = model.tokenizer, model.pad_id
+    prompt = "a picture of"  # with no prompt, OPT's bos after the queries would be a target too (LAVIS)
     assert (pad == tok.eos_token_id) == (any_llm.name in ("internlm2", "qwen2"))
     caption = "a red circle" + tok.convert_ids_to_tokens(pad)  # e.g. "a red circle</s>"
     answer_ids = model.backbone.encode_answer(tok, caption)
@@ -253,7 +282,7 @@ def test_answer_token_equal_to_pad_id_is_still_a_target(any_llm):
 
     with torch.no_grad():
         queries = model.query_embeds(batch["image"])
-        inputs, mask, labels = model.build_inputs(queries, [""] * 2, batch["text_input"])
+        inputs, mask, labels = model.build_inputs(queries, [prompt] * 2, batch["text_input"])
         n = int(mask[0].sum())
         assert n < mask.shape[1]  # row 0 is right-padded, with pad-id embeddings
         target_pos = (labels[0] != -100).nonzero()[:, 0].tolist()
@@ -263,8 +292,8 @@ def test_answer_token_equal_to_pad_id_is_still_a_target(any_llm):
         # the answer's pad token and the padding look the same to the LLM: only the mask tells them apart
         torch.testing.assert_close(inputs[0, pad_in_answer], inputs[0, n], rtol=0, atol=0)
 
-        loss = model(batch)["loss"]
-        nll = torch.cat([-answer_logprobs(model, any_llm.name, queries[i], "", batch["text_input"][i])
+        loss = model({**batch, "prompt": [prompt] * 2})["loss"]
+        nll = torch.cat([-answer_logprobs(model, any_llm.name, queries[i], prompt, batch["text_input"][i])
                          for i in range(2)])
     torch.testing.assert_close(loss, nll.mean(), rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,6 @@
 """LAVIS checkpoint key tables (tests/data_files/lavis_keys, derived from LAVIS's code by generate.py) load
-strictly into full-size models built on the meta device (no weights, no memory)."""
+strictly into full-size models built on the meta device (no weights, no memory); a real-size model type
+lists its own keys without any file; tied pairs stored once load."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from lavis_lite.config import load_yaml, merge_onto, model_config_path
 from lavis_lite.models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
-from lavis_lite.models.convert import LAVIS_ONLY_KEYS, key_shapes, load_key_table, main, meta_state_dict
+from lavis_lite.models.convert import LAVIS_ONLY_KEYS, key_shapes, load_key_table, main, meta_model, meta_state_dict
 from tests.models.tiny_blip2 import REPO
 
 TABLES = REPO / "tests" / "data_files" / "lavis_keys"
@@ -76,3 +77,41 @@ def test_key_table_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["convert", str(tmp_path / "c.pth")])
     main()
     assert json.loads(capsys.readouterr().out)["keys"] == {"a.weight": [2, 3], "temp": []}
+
+
+def test_tied_pairs_stored_once_load(tmp_path):
+    # safetensors' save_model (and HF save_pretrained) keep one name per shared tensor: the LM head's
+    # decoder.weight (tied to the word embeddings) and decoder.bias (= predictions.bias) go missing
+    from safetensors.torch import load_file, save_model
+
+    from tests.models.tiny_blip2 import tiny_model
+
+    trained = tiny_model(seed=1)
+    save_model(trained, str(tmp_path / "tied.safetensors"))
+    stored = load_file(str(tmp_path / "tied.safetensors"))
+    assert len(set(trained.state_dict()) - set(stored)) == 2
+    model = tiny_model(seed=2)
+    model.load_checkpoint(tmp_path / "tied.safetensors")
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_meta_key_listing_of_a_real_size_model_needs_no_files(tmp_path, monkeypatch, capsys):
+    # no llm_path directory (facebook/opt-2.7b, relative), vit_pretrained or pretrained exists here
+    monkeypatch.chdir(tmp_path)
+    model = meta_model("blip2_opt", "pretrain_opt2.7b")
+    table = key_shapes(model.state_dict())
+    assert model.tokenizer is None and all(p.is_meta for p in model.parameters())
+    assert len(table) == 1287  # 511 EVA-CLIP-g (39 blocks) + 254 Q-Former + 517 OPT-2.7b + 5
+    assert sum(k.startswith("llm_model.") for k in table) == 517
+    assert table["query_tokens"] == [1, 32, 768] and table["llm_proj.weight"] == [2560, 768]
+    assert table["llm_model.model.decoder.embed_tokens.weight"] == [50272, 2560]
+    assert table["visual_encoder.blocks.38.mlp.fc1.weight"] == [6144, 1408]
+    # the command line prints the same table; stage 1 skips its missing BERT tokenizer too
+    monkeypatch.setattr(sys, "argv", ["convert", "--arch", "blip2_opt", "--model-type", "pretrain_opt2.7b", "--keys"])
+    main()
+    assert json.loads(capsys.readouterr().out)["keys"] == table
+    stage1 = key_shapes(meta_model("blip2", "pretrain").state_dict())
+    assert stage1["Qformer.bert.embeddings.word_embeddings.weight"] == [30523, 768]
+    with pytest.raises(FileNotFoundError, match="no known sizes for 'models/my-llm'"):
+        meta_model("blip2_opt", "pretrain_opt2.7b", llm_path="models/my-llm")

@@ -2,12 +2,16 @@
 
 A backbone says how to load the family from a local directory and which text conventions it has:
 the text that ends every caption/answer (and the ONE token id that stops generation), where the
-bos goes, which id pads. The stage-2 model (``blip2_llm.py``) talks only to this interface, so a
-new LLM is a subclass setting a few class attributes, registered under a name::
+bos goes, which id pads, the template a prompt sits in. The stage-2 model (``blip2_llm.py``) talks
+only to this interface, so a new LLM is a subclass setting a few class attributes, registered under
+a name::
 
     @LLMS.register("qwen2")
     class Qwen2Backbone(LLMBackbone):
         '''Qwen/Qwen2-*: no bos, <|endoftext|> is eos and pad.'''
+
+A chat model is its base family with a ``prompt_template`` and a special-token ``end_of_answer``
+(``chat.py``).
 
 How we differ from LAVIS (``blip2_opt.py``), and why:
 
@@ -70,6 +74,19 @@ class LLMBackbone:
     # OPT layout, needed to reuse LAVIS's OPT stage-2 checkpoints). Ignored when bos_token_id is None.
     bos_before_queries: ClassVar[bool] = True
     default_dtype: ClassVar[DtypeName] = "bfloat16"  # dtype of the frozen weights
+    # The text a prompt sits in: "{prompt}" once, "{queries}" at most once (where the image queries go;
+    # without it, before all text). "{prompt}" alone is the plain layout; chat models wrap it in a turn.
+    prompt_template: ClassVar[str] = "{prompt}"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        template = cls.prompt_template
+        if template.count("{prompt}") != 1 or template.count("{queries}") > 1 or (
+                "{queries}" in template and template.index("{queries}") > template.index("{prompt}")):
+            raise ValueError(
+                f"{cls.__name__}.prompt_template={template!r}: it needs '{{prompt}}' exactly once and at most one "
+                f"'{{queries}}' before it"
+            )
 
     # -- loading -----------------------------------------------------------------------------------
     def load_model(self, path: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
@@ -88,6 +105,21 @@ class LLMBackbone:
     def encode(self, tokenizer: Any, text: str) -> list[int]:
         """Ids of ``text`` alone: no bos, no eos."""
         return list(tokenizer([text], add_special_tokens=False)["input_ids"][0])
+
+    def format_prompt(self, prompt: str) -> tuple[str, str]:
+        """(text before the image queries, text after them) of ``prompt`` in ``prompt_template``.
+
+        Plain: ``("", prompt)``. A chat template puts the queries inside the user turn, where chat
+        VLMs (LLaVA, InternVL, InternLM-XComposer2, Qwen-VL) put the image; an empty prompt still
+        gets the whole turn.
+        """
+        head, _, tail = self.prompt_template.rpartition("{queries}")
+        return head, tail.replace("{prompt}", prompt)
+
+    def encode_prompt(self, tokenizer: Any, prompt: str) -> tuple[list[int], list[int]]:
+        """Ids of ``format_prompt(prompt)``'s two texts (no bos); an empty text gives no ids."""
+        head, tail = self.format_prompt(prompt)
+        return (self.encode(tokenizer, head) if head else []), (self.encode(tokenizer, tail) if tail else [])
 
     def encode_answer(self, tokenizer: Any, text: str) -> list[int]:
         """Training target of a caption/answer: ``encode(text) + [stop_token_id]``.
@@ -124,7 +156,8 @@ class LLMBackbone:
         ends answers in training), the ids of ``encode(end_of_answer)`` (byte-level BPE: "Ċ"), then
         the byte-fallback piece of a one-byte ``end_of_answer`` (sentencepiece: "<0x0A>"). The
         first whose ``decode([id]) == end_of_answer`` wins. Never "the first id of tokenizing it"
-        (see the module docstring).
+        (see the module docstring). A chat stop word ("<|im_end|>") is a special token: decoded with
+        its text, not skipped.
         """
         eoa = self.end_of_answer
         candidates = [*reversed(self.encode(tokenizer, "a" + eoa)), *self.encode(tokenizer, eoa)]
@@ -134,7 +167,7 @@ class LLMBackbone:
             if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
                 candidates.append(i)
         for i in candidates:
-            if tokenizer.decode([i]) == eoa:
+            if tokenizer.decode([i], skip_special_tokens=False) == eoa:
                 return int(i)
         raise ValueError(
             f"{type(self).__name__}.end_of_answer={eoa!r}: no single token of {type(tokenizer).__name__} decodes to it "

@@ -349,8 +349,13 @@ class InternLM2Tokenizer:
     ``added_tokens_decoder`` / ``additional_special_tokens`` of ``tokenizer_config.json``) map to
     their ids, and each stretch of text in between is ``sp.encode(stretch)`` (so plain text gives
     exactly sentencepiece's ids), as InternLM2's slow and fast tokenizers do; then bos is prepended.
-    Decoding: ``sp.decode`` of each stretch, special tokens written as their piece (or dropped with
+    Decoding: ``sp.decode`` of each stretch, special tokens written as their text (or dropped with
     ``skip_special_tokens``).
+
+    An ``added_tokens_decoder`` entry may rename a piece of ``tokenizer.model``: internlm2-chat-*
+    ships pieces 92538-92543 as "[UNUSED_TOKEN_141]".."[UNUSED_TOKEN_146]" and its config names them
+    "<|plugin|>".."<|im_start|>" (92542 = "<|im_end|>"). As with the official tokenizers, the config's
+    name is the token's text both ways (encoding "<|im_end|>", decoding 92542).
     """
 
     def __init__(
@@ -371,6 +376,16 @@ class InternLM2Tokenizer:
         self.unk_token_id = self.sp.unk_id()
         if self.bos_token_id < 0 or self.eos_token_id < 0:
             raise ValueError("tokenizer.model defines no bos or eos piece; InternLM2 uses <s>=1 and </s>=2")
+        added = {int(i): entry for i, entry in (tc.get("added_tokens_decoder") or {}).items()}
+        for i, entry in added.items():
+            if i >= n:
+                raise ValueError(
+                    f"tokenizer_config added_tokens_decoder[{i}]={_token_content(entry)!r} is past the {n} pieces of "
+                    f"tokenizer.model; tokens added on top of the sentencepiece vocabulary are not supported"
+                )
+        # the config's text of a renamed piece (chat models: 92542 "[UNUSED_TOKEN_145]" -> "<|im_end|>")
+        self._renamed = {i: _token_content(e) for i, e in added.items() if _token_content(e) != self.sp.id_to_piece(i)}
+        self._renamed_ids = {text: i for i, text in self._renamed.items()}
         for key, i in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id)):
             if key in tc and self._piece_id(key, tc[key]) != i:
                 raise ValueError(f"tokenizer_config {key}={tc[key]!r} but tokenizer.model's {key} is id {i}")
@@ -385,29 +400,28 @@ class InternLM2Tokenizer:
 
         special = {self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id}
         special |= {i for i in range(n) if self.sp.is_control(i)}
-        for i, entry in (tc.get("added_tokens_decoder") or {}).items():
-            content, i = _token_content(entry), int(i)
-            if i >= n or self.sp.id_to_piece(i) != content:
-                raise ValueError(
-                    f"tokenizer_config added_tokens_decoder[{i}]={content!r} is not piece {i} of tokenizer.model "
-                    f"({n} pieces); tokens added on top of the sentencepiece vocabulary are not supported"
-                )
-            if not isinstance(entry, Mapping) or entry.get("special", True):
-                special.add(i)
+        special |= {i for i, entry in added.items() if not isinstance(entry, Mapping) or entry.get("special", True)}
         special |= {self._piece_id("additional_special_tokens", t) for t in tc.get("additional_special_tokens") or []}
         self.all_special_ids = sorted(special)
         self._special_ids = frozenset(special)
         # Longest first, so a token wins over a shorter special token that is its prefix.
-        strings = sorted({self.sp.id_to_piece(i) for i in special}, key=len, reverse=True)
+        strings = sorted({self._token(i) for i in special | set(self._renamed)}, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, strings)) + ")")
 
     def _piece_id(self, key: str, token: Any) -> int:
-        """Id of a tokenizer_config token; it must be a piece of tokenizer.model."""
+        """Id of a tokenizer_config token; it must be a piece of tokenizer.model or a renamed one."""
         token = _token_content(token)
-        i = self.sp.piece_to_id(token)
-        if self.sp.id_to_piece(i) != token:
+        i = self._token_id(token)
+        if self._token(i) != token:
             raise ValueError(f"tokenizer_config {key} has {token!r}, which is not a piece of tokenizer.model")
         return i
+
+    def _token(self, i: int) -> str:
+        """Text of token ``i``: its ``added_tokens_decoder`` name, else its sentencepiece piece."""
+        return self._renamed.get(i) or self.sp.id_to_piece(i)
+
+    def _token_id(self, token: str) -> int:
+        return self._renamed_ids.get(token, self.sp.piece_to_id(token))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, padding_side: Literal["left", "right"] | None = None) -> "InternLM2Tokenizer":
@@ -423,29 +437,29 @@ class InternLM2Tokenizer:
 
     @property
     def bos_token(self) -> str:
-        return self.sp.id_to_piece(self.bos_token_id)
+        return self._token(self.bos_token_id)
 
     @property
     def eos_token(self) -> str:
-        return self.sp.id_to_piece(self.eos_token_id)
+        return self._token(self.eos_token_id)
 
     @property
     def pad_token(self) -> str:
-        return self.sp.id_to_piece(self.pad_token_id)
+        return self._token(self.pad_token_id)
 
     @property
     def unk_token(self) -> str:
-        return self.sp.id_to_piece(self.unk_token_id)
+        return self._token(self.unk_token_id)
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
         if isinstance(ids, int):
-            return self.sp.id_to_piece(ids)
-        return [self.sp.id_to_piece(int(i)) for i in _as_list(ids)]
+            return self._token(ids)
+        return [self._token(int(i)) for i in _as_list(ids)]
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
         if isinstance(tokens, str):
-            return self.sp.piece_to_id(tokens)
-        return [self.sp.piece_to_id(t) for t in tokens]
+            return self._token_id(tokens)
+        return [self._token_id(t) for t in tokens]
 
     # -- encoding --------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -453,7 +467,7 @@ class InternLM2Tokenizer:
         ids: list[int] = []
         for i, part in enumerate(self._special_re.split(text)):
             if i % 2:  # odd parts are the special-token strings matched by the split
-                ids.append(self.sp.piece_to_id(part))
+                ids.append(self._token_id(part))
             elif part:
                 ids.extend(self.sp.encode(part))
         return self._add_special(ids) if add_special_tokens else ids
@@ -519,15 +533,15 @@ class InternLM2Tokenizer:
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, ids: int | Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Text of ids: ``sp.decode`` on each run between special tokens (those are written as pieces)."""
+        """Text of ids: ``sp.decode`` on each run between special tokens (those are written as their text)."""
         ids = [int(ids)] if isinstance(ids, int) else _as_list(ids)
         out: list[str] = []
         run: list[int] = []
         for i in ids:
-            if i in self._special_ids:
-                if not skip_special_tokens:
+            if i in self._special_ids or i in self._renamed:  # written as their text, never sp.decode'd
+                if not (skip_special_tokens and i in self._special_ids):
                     out.append(self.sp.decode(run))
-                    out.append(self.sp.id_to_piece(i))
+                    out.append(self._token(i))
                     run = []
             else:
                 run.append(i)

@@ -31,7 +31,9 @@ from lavis_lite.models.llm.internlm2_backbone import InternLM2Backbone
 logger = logging.getLogger(__name__)
 
 ANSWER_PROMPT = "Question: {} Short answer:"  # the VQA task's default prompt
-BUILDER_VERSION = 3  # bump on any change to the corpus or the training, so cached copies are rebuilt
+# the caption prompts of the Chinese and bilingual stage-2 projects (datasets.<name>.prompt)
+CAPTION_PROMPTS = {"en": "a photo of", "zh": "图片描述："}
+BUILDER_VERSION = 4  # bump on any change to the corpus or the training, so cached copies are rebuilt
 QA_IN_CONTEXT_REPEATS = 3  # answering from a context is what VQA asks, so it gets more weight
 
 
@@ -48,6 +50,7 @@ class TinyLLMSpec:
     context_fraction: float = 0.5  # of each batch read from context vectors (0: a text-only warm-up)
     context_vectors: int = 4  # = the tiny BLIP-2's image queries (configs/models/blip2_internlm/tiny.yaml)
     restate_fraction: float = 0.3  # context examples whose target is the encoded caption itself
+    bilingual_examples: int = 8  # images per batch, on top, read in either language and captioned after a prompt
     seed: int = 0
 
 
@@ -57,10 +60,15 @@ class ImageText:
 
     captions: list[str]
     qa: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    captions_zh: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def longest(self) -> str:
         return max(self.captions, key=len)  # the most complete description
+
+    @property
+    def longest_zh(self) -> str:
+        return max(self.captions_zh, key=len)
 
 
 def train_texts(shapes_root: str | Path) -> dict[str, ImageText]:
@@ -71,6 +79,8 @@ def train_texts(shapes_root: str | Path) -> dict[str, ImageText]:
     texts: dict[str, ImageText] = {}
     for record in json.loads((annotations / "caption_train.json").read_text()):
         texts.setdefault(record["image"], ImageText([])).captions.append(pre_caption(record["caption"]))
+    for record in json.loads((annotations / "caption_cn_train.json").read_text()):
+        texts[record["image"]].captions_zh.append(pre_caption(record["caption"]))
     for record in json.loads((annotations / "vqa_train.json").read_text()):
         answer = max(set(record["answer"]), key=record["answer"].count)
         texts[record["image"]].qa.append((ANSWER_PROMPT.format(pre_question(record["question"])), answer))
@@ -80,19 +90,20 @@ def train_texts(shapes_root: str | Path) -> dict[str, ImageText]:
 def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
     """The text half of the warm-up. An example is a list of segments, encoded as Blip2LLM encodes
     its sequences: a segment ending in a newline (the end-of-answer text) as a caption/answer
-    target, any other as a prompt. Examples: every caption (English and Chinese); every caption
-    followed by another caption of the same image (the model learns to restate what its context
-    describes, as stage 2 asks of the image queries); every "Question: q Short answer:" prompt with
-    its answer alone, then ``QA_IN_CONTEXT_REPEATS`` times after the longest caption of its image and
-    as many times after a random one (the model learns to answer from its context, as a pretrained
-    LLM reads a passage)."""
+    target, any other as a prompt. Examples, per train image and language (English, Chinese): every
+    caption alone, after its language's caption prompt (``CAPTION_PROMPTS``), and followed by another
+    caption of the same image (the model learns to restate what its context describes, as stage 2
+    asks of the image queries); every "Question: q Short answer:" prompt with its answer alone, then
+    ``QA_IN_CONTEXT_REPEATS`` times after the longest caption of its image and as many times after a
+    random one (the model learns to answer from its context, as a pretrained LLM reads a passage)."""
     rng = random.Random(0)
-    chinese = json.loads((Path(shapes_root) / "annotations" / "caption_cn_train.json").read_text())
-    corpus = [[pre_caption(r["caption"]) + "\n"] for r in chinese]
+    corpus = []
     for text in train_texts(shapes_root).values():
+        for language, plain in (("en", text.captions), ("zh", text.captions_zh)):
+            captions = [caption + "\n" for caption in plain]
+            for i, caption in enumerate(captions):
+                corpus += [[caption], [CAPTION_PROMPTS[language], caption], [caption, captions[(i + 1) % len(captions)]]]
         captions = [caption + "\n" for caption in text.captions]
-        for i, caption in enumerate(captions):
-            corpus += [[caption], [caption, captions[(i + 1) % len(captions)]]]
         for prompt, answer in text.qa:
             qa = [prompt, answer + "\n"]
             corpus.append(qa)
@@ -178,7 +189,8 @@ def build_tiny_internlm2(shapes_root: str | Path, out_dir: str | Path, spec: Tin
     model = LlamaForCausalLM(internlm2_config_to_llama(official))
     backbone = InternLM2Backbone()
     sequences = [encode_example(backbone, tokenizer, example) for example in corpus]
-    warm_up(model, sequences, context_examples(backbone, tokenizer, train_texts(shapes_root)),
+    texts = train_texts(shapes_root)
+    warm_up(model, sequences, context_examples(backbone, tokenizer, texts), bilingual_examples(backbone, tokenizer, texts),
             backbone.bos_token_id(tokenizer), spec)
     save_internlm2(model, tokenizer, tmp)
     (tmp / "manifest.json").write_text(json.dumps(manifest))
@@ -198,11 +210,12 @@ class ContextExample:
 
     source: list[int]
     restate: list[int]  # the source caption as a target
-    targets: list[tuple[list[int], list[int]]]  # every caption (empty prompt) and question-answer pair
+    targets: list[tuple[list[int], list[int]]]
 
 
 def context_examples(backbone: LLMBackbone, tokenizer, texts: dict[str, ImageText]) -> list[ContextExample]:
-    """One ``ContextExample`` per image of ``texts``, its longest caption as the source."""
+    """One ``ContextExample`` per image of ``texts``: its longest English caption as the source, every
+    English caption (empty prompt) and question-answer pair as targets."""
     examples = []
     for text in texts.values():
         targets = [([], backbone.encode_answer(tokenizer, caption)) for caption in text.captions]
@@ -210,6 +223,21 @@ def context_examples(backbone: LLMBackbone, tokenizer, texts: dict[str, ImageTex
                     for prompt, answer in text.qa]
         examples.append(ContextExample(backbone.encode(tokenizer, text.longest),
                                        backbone.encode_answer(tokenizer, text.longest), targets))
+    return examples
+
+
+def bilingual_examples(backbone: LLMBackbone, tokenizer, texts: dict[str, ImageText]) -> list[ContextExample]:
+    """Two ``ContextExample`` per image of ``texts``, one read from its longest English caption, one from
+    its longest Chinese caption; the targets of both are every caption of the image in both languages,
+    each after its language's caption prompt (``CAPTION_PROMPTS``): the prompt, not the context, says
+    which language to write."""
+    examples = []
+    for text in texts.values():
+        targets = [(backbone.encode(tokenizer, CAPTION_PROMPTS[language]), backbone.encode_answer(tokenizer, caption))
+                   for language, captions in (("en", text.captions), ("zh", text.captions_zh)) for caption in captions]
+        for source in (text.longest, text.longest_zh):
+            examples.append(ContextExample(backbone.encode(tokenizer, source),
+                                           backbone.encode_answer(tokenizer, source), targets))
     return examples
 
 
@@ -247,13 +275,21 @@ def _context_loss(model: nn.Module, encoder: CaptionEncoder, bos: int, sources: 
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def warm_up(model: nn.Module, sequences: list[list[int]], examples: list[ContextExample], bos: int,
-            spec: TinyLLMSpec) -> None:
+def _sample_pairs(rng: random.Random, images: list[ContextExample], restate_fraction: float
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Per image: its source restated (empty prompt) with ``restate_fraction``, else one of its targets."""
+    return [([], ex.restate) if rng.random() < restate_fraction else rng.choice(ex.targets) for ex in images]
+
+
+def warm_up(model: nn.Module, sequences: list[list[int]], examples: list[ContextExample],
+            bilingual: list[ContextExample], bos: int, spec: TinyLLMSpec) -> None:
     """Next-token training; of each batch, ``spec.context_fraction`` are train images read through a
     ``CaptionEncoder`` trained with the LLM, the rest are text ``sequences``. An image's target is,
     with ``spec.restate_fraction``, the encoded caption itself (a strong signal that makes the LLM
     read the vectors at all), else one of its captions or answers (what stage 2 and VQA ask of the
-    image queries)."""
+    image queries). On top, ``spec.bilingual_examples`` images of ``bilingual`` per batch, targets
+    drawn the same way: so the English half keeps its share, and the LLM learns to caption a context
+    in the language its prompt asks for."""
     rng = random.Random(spec.seed)
     encoder = CaptionEncoder(spec.hidden_size, spec.num_heads, spec.context_vectors)
     optimizer = torch.optim.AdamW([*model.parameters(), *encoder.parameters()], lr=spec.lr, weight_decay=0.0)
@@ -262,11 +298,10 @@ def warm_up(model: nn.Module, sequences: list[list[int]], examples: list[Context
     for step in range(spec.warmup_steps):
         text_loss = _text_loss(model, rng.sample(sequences, spec.batch_size - n_context))
         context_loss = torch.zeros(())
-        if n_context:
-            images = rng.sample(examples, n_context)
-            pairs = [([], ex.restate) if rng.random() < spec.restate_fraction else rng.choice(ex.targets)
-                     for ex in images]
-            context_loss = _context_loss(model, encoder, bos, [ex.source for ex in images], pairs)
+        for images in (rng.sample(examples, n_context), rng.sample(bilingual, spec.bilingual_examples)):
+            if images:  # each half its own mean: the bilingual images do not dilute the English ones
+                pairs = _sample_pairs(rng, images, spec.restate_fraction)
+                context_loss = context_loss + _context_loss(model, encoder, bos, [ex.source for ex in images], pairs)
         for group in optimizer.param_groups:  # cosine decay to 0
             group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.warmup_steps))
         optimizer.zero_grad()

@@ -2,7 +2,8 @@
 bos and pad conventions, generation that stops at the newline, a backbone registered by a user, errors.
 
 Parametrized over ``LLMS.names()``, so a newly shipped backbone is tested as soon as it is registered
-(and fails until it has a ``tiny_<name>_dir`` fixture and a row in ``EXPECTED``).
+(and fails until it has a ``tiny_<name>_dir`` fixture and a row in ``EXPECTED``); the chat-template
+backbones (``CHAT_LLMS``) have their own file, test_chat_template.py.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import torch
 
 from lavis_lite.models.llm import LLMBackbone, dtype_from_name
 from lavis_lite.registry import LLMS
-from tests.fixtures.llm_checkpoints import TINY_LLMS
+from tests.fixtures.llm_checkpoints import CHAT_LLMS, TINY_LLMS
 
-BACKBONES = LLMS.names()
+BACKBONES = [name for name in LLMS.names() if name not in CHAT_LLMS]
 
 
 @dataclass(frozen=True)

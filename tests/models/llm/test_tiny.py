@@ -3,6 +3,7 @@ sequences are the ones Blip2LLM builds, the context half reads the right caption
 the targets, and the built model is cached."""
 import collections
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +11,22 @@ import torch
 from lavis_lite.data.processors import pre_caption, pre_question
 from lavis_lite.models import create_model
 from lavis_lite.models.llm.internlm2_backbone import InternLM2Backbone
-from lavis_lite.models.llm.tiny import (ANSWER_PROMPT, QA_IN_CONTEXT_REPEATS, CaptionEncoder, TinyLLMSpec,
-                                        _context_loss, build_tiny_internlm2, context_examples, encode_example,
-                                        shapes_corpus, train_texts)
+from lavis_lite.config import load_config
+from lavis_lite.models.llm.tiny import (ANSWER_PROMPT, CAPTION_PROMPTS, QA_IN_CONTEXT_REPEATS, CaptionEncoder,
+                                        TinyLLMSpec, _context_loss, bilingual_examples, build_tiny_internlm2,
+                                        context_examples, encode_example, shapes_corpus, train_texts)
 
-QUICK = TinyLLMSpec(vocab_size=500, hidden_size=32, num_heads=2, num_kv_heads=1, warmup_steps=3, batch_size=4)
+QUICK = TinyLLMSpec(vocab_size=500, hidden_size=32, num_heads=2, num_kv_heads=1, warmup_steps=3, batch_size=4,
+                    bilingual_examples=2)
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def quick_llm(shapes_root, tmp_path_factory):
+    """(backbone, tokenizer, train texts) of a ``QUICK`` tiny LLM built on the shapes data."""
+    llm_dir = build_tiny_internlm2(shapes_root, tmp_path_factory.mktemp("llm"), QUICK)
+    backbone = InternLM2Backbone()
+    return backbone, backbone.load_tokenizer(str(llm_dir)), train_texts(shapes_root)
 
 
 def test_corpus_uses_the_processed_train_text(shapes_root):
@@ -40,16 +52,55 @@ def test_corpus_uses_the_processed_train_text(shapes_root):
         assert counts[(max(captions[record["image"]], key=len), *qa_pair)] >= QA_IN_CONTEXT_REPEATS
         contexts[qa_pair] |= captions[record["image"]]
     assert all(ex[0] in contexts[tuple(ex[1:])] for ex in qa if len(ex) == 3)
-    pairs = [ex for ex in corpus if len(ex) == 2 and ex[1] in all_captions]
+    pairs = [ex for ex in corpus if len(ex) == 2 and ex[1] in all_captions and ex[0] != CAPTION_PROMPTS["en"]]
     assert pairs and all(ex[0] != ex[1] and any({ex[0], ex[1]} <= c for c in captions.values()) for ex in pairs)
-    assert all(segment in prompts or segment.endswith("\n") for ex in corpus for segment in ex)
+    assert all(segment in prompts | set(CAPTION_PROMPTS.values()) or segment.endswith("\n")
+               for ex in corpus for segment in ex)
 
 
-def test_context_examples_read_the_longest_caption_and_target_every_caption_and_answer(shapes_root, tmp_path):
-    llm_dir = build_tiny_internlm2(shapes_root, tmp_path / "llm", QUICK)
-    backbone = InternLM2Backbone()
-    tokenizer = backbone.load_tokenizer(str(llm_dir))
-    texts = train_texts(shapes_root)
+def test_corpus_has_every_caption_alone_and_after_its_language_prompt(shapes_root):
+    annotations = shapes_root / "annotations"
+    corpus = collections.Counter(tuple(ex) for ex in shapes_corpus(shapes_root))
+    for language, name in (("en", "caption_train.json"), ("zh", "caption_cn_train.json")):
+        records = json.loads((annotations / name).read_text())
+        for record in records[:50]:
+            caption = pre_caption(record["caption"]) + "\n"
+            assert corpus[(caption,)] >= 1 and corpus[(CAPTION_PROMPTS[language], caption)] >= 1, caption
+    chinese = {pre_caption(r["caption"]) + "\n" for r in json.loads((annotations / "caption_cn_train.json").read_text())}
+    restated = [ex for ex in corpus if len(ex) == 2 and set(ex) <= chinese]  # a Chinese caption after another
+    assert len(restated) == len([ex for ex in corpus if len(ex) == 1 and ex[0] in chinese])
+
+
+def test_bilingual_examples_read_either_language_and_caption_in_the_prompted_one(quick_llm):
+    backbone, tokenizer, texts = quick_llm
+    examples = bilingual_examples(backbone, tokenizer, texts)
+    assert len(examples) == 2 * len(texts)
+    text, (english, chinese) = next(iter(texts.values())), examples[:2]
+    assert tokenizer.decode(english.source) == max(text.captions, key=len)
+    assert tokenizer.decode(chinese.source) == max(text.captions_zh, key=len)
+    assert chinese.restate == chinese.source + [backbone.stop_token_id(tokenizer)]
+    assert english.targets == chinese.targets
+    by_prompt = collections.defaultdict(list)
+    for prompt, target in chinese.targets:
+        by_prompt[tokenizer.decode(prompt)].append(tokenizer.decode(target[:-1]))
+    assert by_prompt == {CAPTION_PROMPTS["en"]: text.captions, CAPTION_PROMPTS["zh"]: text.captions_zh}
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in caption) for caption in text.captions_zh)
+
+
+@pytest.mark.parametrize("project,datasets", [
+    ("caption_cn_stage2_shapes.yaml", {"shapes_caption_cn": "zh"}),
+    ("caption_bilingual_stage2_shapes.yaml", {"shapes_caption": "en", "shapes_caption_cn": "zh"}),
+])
+def test_caption_projects_prompt_as_the_warm_up_taught(project, datasets):
+    """The tiny LLM learns to caption a context in a language after that language's prompt: the
+    projects must use the same prompts, or their captions come out in the warm-up's default."""
+    cfg, _ = load_config(ROOT / "projects/blip2/train" / project)
+    for name, language in datasets.items():
+        assert cfg.datasets[name].prompt == CAPTION_PROMPTS[language], name
+
+
+def test_context_examples_read_the_longest_caption_and_target_every_caption_and_answer(shapes_root, quick_llm):
+    backbone, tokenizer, texts = quick_llm
     examples = context_examples(backbone, tokenizer, texts)
     images = {r["image"] for r in json.loads((shapes_root / "annotations" / "caption_train.json").read_text())}
     assert len(examples) == len(texts) == len(images)
@@ -60,6 +111,7 @@ def test_context_examples_read_the_longest_caption_and_target_every_caption_and_
     assert [tokenizer.decode(t[:-1]) for p, t in example.targets if not p] == text.captions
     asked = [(tokenizer.decode(p), tokenizer.decode(t[:-1])) for p, t in example.targets if p]
     assert asked == text.qa and all(t[-1] == stop for _, t in example.targets)
+    assert text.captions_zh and len(text.captions_zh) == 3  # read for the bilingual half
 
 
 def test_context_loss_is_the_target_tokens_cross_entropy_after_bos_and_vectors():
