@@ -37,7 +37,7 @@ def env(workdir, nproc=1):
 
 def run(script, workdir, *args, nproc=1):
     result = subprocess.run(["bash", str(ROOT / script), *args], env=env(workdir, nproc), cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -142,8 +142,9 @@ def test_bilingual_stage2_captions_in_the_language_of_each_prompt(demo, workdir)
     assert len(english) == len(chinese) == 200
     assert sum(map(mostly_chinese, (r["caption"] for r in chinese))) >= 0.95 * 200
     assert not any(map(mostly_chinese, (r["caption"] for r in english)))
-    record = [r for r in read_log(bilingual / "log.jsonl") if "shapes_caption_cn/val_CIDEr_char" in r][-1]
-    assert record["shapes_caption_cn/val_CIDEr_char"] > 0.3 and record["shapes_caption/val_CIDEr"] > 0.3, record
+    log = read_log(bilingual / "log.jsonl")  # each split's metrics in a record of its own
+    for key in ("shapes_caption_cn/val_CIDEr_char", "shapes_caption/val_CIDEr"):
+        assert [r[key] for r in log if key in r][-1] > 0.3, key
 
 
 def test_vqa_launcher_on_two_processes_matches_one(demo, workdir):
