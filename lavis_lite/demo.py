@@ -53,7 +53,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_metrics(output_dir: Path, keys: tuple[str, ...]) -> dict[str, float]:
+def split_metrics(output_dir: Path, keys: tuple[str, ...]) -> dict[str, float]:
     """``keys`` of the last ``<split>_<metric>`` record of an evaluation's log.jsonl."""
     record = [r for r in read_log(output_dir / "log.jsonl") if f"{SPLIT}_{keys[0]}" in r][-1]
     return {k: record[f"{SPLIT}_{k}"] for k in keys}
@@ -150,15 +150,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    *common])
         gt = "caption_test_gt.json" if language == "en" else "caption_cn_test_gt.json"
         captions[language] = {
-            "scores": {"BLIP-2 (image + LLM)": test_metrics(folders["model"], CAPTION_METRICS[language]),
-                       "LLM alone, no image": test_metrics(folders["no_image"], CAPTION_METRICS[language])},
+            "scores": {"BLIP-2 (image + LLM)": split_metrics(folders["model"], CAPTION_METRICS[language]),
+                       "LLM alone, no image": split_metrics(folders["no_image"], CAPTION_METRICS[language])},
             "samples": caption_samples(folders["model"], folders["no_image"], shapes / "annotations" / gt),
         }
 
     rows = {
-        "BLIP-2 (image + LLM), zero-shot": test_metrics(out / "vqa", METRICS),
+        "BLIP-2 (image + LLM), zero-shot": split_metrics(out / "vqa", METRICS),
         "most frequent answer per question type": most_frequent_answer_baseline(shapes / "annotations"),
-        "LLM alone, no image": test_metrics(out / "vqa_no_image", METRICS),
+        "LLM alone, no image": split_metrics(out / "vqa_no_image", METRICS),
     }
     loss_curves({"stage 1": stage1, "stage 2": stage2, "stage 2, Chinese": stage2_zh}, out / "loss_curves.png")
     summary = {"split": SPLIT, "vqa": rows, "captions": captions, "stage1_epochs": args.stage1_epochs,
