@@ -70,6 +70,10 @@ class ImageText:
     def longest_zh(self) -> str:
         return max(self.captions_zh, key=len)
 
+    def by_language(self) -> tuple[tuple[str, list[str]], ...]:
+        """``(("en", captions), ("zh", captions_zh))``: the keys of ``CAPTION_PROMPTS``."""
+        return ("en", self.captions), ("zh", self.captions_zh)
+
 
 def train_texts(shapes_root: str | Path) -> dict[str, ImageText]:
     """Per train image: captions cleaned as ``pre_caption`` cleans them, questions as ``pre_question``
@@ -99,7 +103,7 @@ def shapes_corpus(shapes_root: str | Path) -> list[list[str]]:
     rng = random.Random(0)
     corpus = []
     for text in train_texts(shapes_root).values():
-        for language, plain in (("en", text.captions), ("zh", text.captions_zh)):
+        for language, plain in text.by_language():
             captions = [caption + "\n" for caption in plain]
             for i, caption in enumerate(captions):
                 corpus += [[caption], [CAPTION_PROMPTS[language], caption], [caption, captions[(i + 1) % len(captions)]]]
@@ -234,7 +238,7 @@ def bilingual_examples(backbone: LLMBackbone, tokenizer, texts: dict[str, ImageT
     examples = []
     for text in texts.values():
         targets = [(backbone.encode(tokenizer, CAPTION_PROMPTS[language]), backbone.encode_answer(tokenizer, caption))
-                   for language, captions in (("en", text.captions), ("zh", text.captions_zh)) for caption in captions]
+                   for language, captions in text.by_language() for caption in captions]
         for source in (text.longest, text.longest_zh):
             examples.append(ContextExample(backbone.encode(tokenizer, source),
                                            backbone.encode_answer(tokenizer, source), targets))
