@@ -64,6 +64,8 @@ class RunConfig:
     amp: bool = False  # autocast on GPU (a warning on CPU, where it does nothing)
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
     fused_adamw: bool = True  # fused AdamW kernels (CUDA and CPU)
+    # ddp: whole model per process; fsdp: weights sharded per LLM / image-encoder block (lavis_lite/runner/strategy.py)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     # loop
     max_epoch: int = 1  # runner_base
     max_iters: int = 0  # runner_iter: total iterations ...
@@ -297,6 +299,9 @@ def check_run_config(cfg: RunConfig, sources: Sources | None = None) -> None:
     if cfg.save_every_n_steps % cfg.accum_grad_iters:
         raise ConfigError(f"run.save_every_n_steps={cfg.save_every_n_steps} must be a multiple of "
                           f"run.accum_grad_iters={cfg.accum_grad_iters} so no checkpoint splits an accumulation")
+    if cfg.strategy == "fsdp" and cfg.amp and cfg.amp_dtype == "float16":
+        raise ConfigError("run.strategy=fsdp with run.amp_dtype=float16 is not supported (float16 needs a gradient "
+                          "scaler for sharded gradients): set run.amp_dtype=bfloat16")
     if not cfg.evaluate:
         check_writable(cfg.output_dir)
 

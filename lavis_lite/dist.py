@@ -56,6 +56,13 @@ def init_distributed(timeout_minutes: float = 30.0, device: str = "auto") -> tor
     return this_device
 
 
+def device_mesh(device: torch.device):
+    """A 1-D mesh of every process on ``device``'s type (FSDP's unit of sharding)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (get_world_size(),))
+
+
 def destroy_distributed() -> None:
     if is_dist():
         dist.destroy_process_group()
@@ -82,6 +89,13 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s (as DDP does to a model's weights at start)."""
+    if is_dist():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=src)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,18 @@ def test_torchrun_two_processes_equal_one_process(project, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
 
 
+def test_torchrun_fsdp_equals_one_process(project, tmp_path):
+    """run.strategy=fsdp through the entry point: ranks start from rank 0's weights (each rank seeds
+    differently), the strategy is built before the optimizer, checkpoints hold full tensors."""
+    one = train(project, tmp_path / "one", ["run.batch_size_train=8"])
+    fsdp = train(project, tmp_path / "fsdp", ["run.batch_size_train=4", "run.strategy=fsdp"], nproc=2)
+    assert "run.strategy=fsdp: 0 LLM blocks, 0 image-encoder blocks and the rest sharded over 2" in fsdp.stdout + fsdp.stderr
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
 def test_cli_reports_config_errors_with_key(project, tmp_path):
     result = train(project, tmp_path / "bad", ["run.init_lrr=0.1"], check=False)
     assert result.returncode != 0

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from lavis_lite.models.blip2_qformer import Blip2Base, Blip2VisionConfig
+from lavis_lite.models.blocks import checkpoint_blocks, transformer_blocks
 from lavis_lite.models.hf_blip2 import load_llm
 from lavis_lite.models.llm import LLMBackbone, dtype_from_name
 from lavis_lite.registry import LLMS, MODELS
@@ -50,6 +51,9 @@ class Blip2LLMConfig(Blip2VisionConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    # recompute the LLM's decoder layers in backward (activation checkpointing): saves memory when gradients
+    # flow through the frozen LLM to the queries (blocks.py; also in eval mode, unlike HF's own switch)
+    llm_use_checkpoint: bool = False
 
 
 # Stage-1 (ours or LAVIS's blip2_pretrained.pth) keys that a stage-2 model has no use for: the text
@@ -84,6 +88,8 @@ class Blip2LLM(Blip2Base):
         self.llm_model.requires_grad_(False)
         if cfg.lora_r > 0:
             self._add_lora(cfg)
+        if cfg.llm_use_checkpoint:
+            checkpoint_blocks(transformer_blocks(self)["llm"])
         self.llm_proj = nn.Linear(hidden, self.llm_model.get_input_embeddings().embedding_dim)
         if self.tokenizer is None:  # built on the meta device to list keys and shapes: no token ids
             self.bos_id = self.stop_id = self.pad_id = None
@@ -175,7 +181,8 @@ class Blip2LLM(Blip2Base):
         [B, L] (position t's logits predict label t + 1)."""
         queries = self.query_embeds(batch["image"])
         inputs, mask, labels = self.build_inputs(queries, self.prompts(batch, len(queries)), batch["text_input"])
-        logits = self.llm_model(inputs_embeds=inputs, attention_mask=mask).logits.float()
+        # no KV cache in training: a checkpointed layer would write it again when backward recomputes it
+        logits = self.llm_model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits.float()
         if not torch.isfinite(logits).all():
             dtype = self.llm_model.dtype
             hint = ("; float16 overflows easily: set model.llm_dtype=bfloat16" if dtype == torch.float16 else

@@ -18,7 +18,12 @@ How we differ from LAVIS:
 - ``temp`` is clamped to [0.001, 0.5] under ``clamp_temp`` (as BLIP-1; LAVIS's BLIP-2 file has no clamp);
 - config names: ``img_size`` (LAVIS ``image_size``), ``vit_use_checkpoint`` (``use_grad_checkpoint``),
   ``qformer.num_query_token`` / ``qformer.cross_attention_freq`` (top-level in LAVIS yamls);
-- the tokenizer and BERT weights come from local directories (``tokenizer_path``, ``bert_init_path``).
+- the tokenizer and BERT weights come from local directories (``tokenizer_path``, ``bert_init_path``);
+- the training step does less work for the same losses and gradients: each image's cross-attention
+  keys/values are projected once (``ln_vision`` folded in) for the image pass and all ITM pairs
+  (``itm_images``), padding positions are never computed (``qformer.TokenLayout``) and the LM head runs
+  only where a position predicts a label (LAVIS projects the image per pass and pair, and runs padding
+  through every layer and the LM head).
 """
 from __future__ import annotations
 
@@ -36,9 +41,10 @@ from lavis_lite import dist
 from lavis_lite.config import CONFIG_ROOT
 from lavis_lite.models import hf_blip2, losses
 from lavis_lite.models.base import BaseModel, building_weightless
+from lavis_lite.models.blocks import checkpoint_blocks, transformer_blocks
 from lavis_lite.models.convert import convert_lavis_blip2
 from lavis_lite.models.feature_cache import ImageFeatureCache
-from lavis_lite.models.qformer import QFormer, QFormerConfig, init_from_bert
+from lavis_lite.models.qformer import ImageKeyValues, QFormer, QFormerConfig, init_from_bert
 from lavis_lite.models.vision import (
     VitArch,
     VitModel,
@@ -72,7 +78,7 @@ class Blip2VisionConfig:
     vit_depth: Optional[int] = None  # None: the encoder's own depth; a smaller value for reduced-depth tests
     img_size: int = 224  # LAVIS: image_size
     drop_path_rate: float = 0.0
-    vit_use_checkpoint: bool = False  # LAVIS: use_grad_checkpoint
+    vit_use_checkpoint: bool = False  # LAVIS: use_grad_checkpoint; recompute the blocks in backward (blocks.py)
     vit_precision: VitPrecision = "fp16"
     freeze_vit: bool = True  # no gradients, always in eval mode
     vit_pretrained: Optional[str] = None  # LAVIS eva_vit_g.pth / clip_vit_L.pth (or a timm state dict)
@@ -82,6 +88,7 @@ class Blip2VisionConfig:
     image_feature_cache_gb: float = 32.0  # per process, on the CPU; images beyond it are encoded every time
     # Q-Former (qformer.py); encoder_width comes from the image encoder, vocab_size must match the tokenizer
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    qformer_use_checkpoint: bool = False  # recompute the Q-Former layers in backward (blocks.py)
     pretrained: Optional[str] = None  # checkpoint (LAVIS, ours, a Hugging Face BLIP-2 dir) loaded after building
     finetuned: Optional[str] = None  # a second checkpoint loaded over it (LAVIS's name), e.g. stage 2 over stage 1
 
@@ -122,6 +129,15 @@ def build_tokenizer(tokenizer_path: str) -> BertTokenizer:
     return tokenizer
 
 
+def _image_inputs(image: torch.Tensor | ImageKeyValues) -> dict[str, Any]:
+    """``Qformer.bert`` keyword for image features [B, N, C] or their projected keys/values."""
+    return {"image_key_values": image} if isinstance(image, ImageKeyValues) else {"encoder_hidden_states": image}
+
+
+def _rows(image: torch.Tensor | ImageKeyValues) -> int:
+    return image.batch_size if isinstance(image, ImageKeyValues) else image.shape[0]
+
+
 # ---------------------------------------------------------------------------------------- model
 class Blip2Base(BaseModel):
     """Image encoder -> ``ln_vision`` -> Q-Former with ``query_tokens``: the part every BLIP-2 shares."""
@@ -137,7 +153,7 @@ class Blip2Base(BaseModel):
         """Build ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens``; return the Q-Former width.
         ``vocab_size``: the tokenizer's size, or None for a queries-only Q-Former (stage 2)."""
         self.visual_encoder = create_vision_encoder(cfg.vit_model, cfg.img_size, cfg.drop_path_rate,
-                                                    cfg.vit_use_checkpoint, cfg.vit_depth, cfg.vit_arch)
+                                                    depth=cfg.vit_depth, arch=cfg.vit_arch)
         if cfg.vit_pretrained:
             load_vision_weights(self.visual_encoder, cfg.vit_model, cfg.vit_pretrained)
             self.vit_loaded = True
@@ -172,6 +188,11 @@ class Blip2Base(BaseModel):
         self.Qformer = QFormer(qcfg)
         self.query_tokens = nn.Parameter(torch.zeros(1, qcfg.num_query_token, qcfg.hidden_size))
         nn.init.normal_(self.query_tokens, std=qcfg.initializer_range)
+        blocks = transformer_blocks(self)
+        if cfg.vit_use_checkpoint:  # ours, not timm's set_grad_checkpointing: see blocks.py
+            checkpoint_blocks(blocks["vision"])
+        if cfg.qformer_use_checkpoint:
+            checkpoint_blocks(blocks["qformer"])
         return qcfg.hidden_size
 
     def train(self, mode: bool = True) -> "Blip2Base":
@@ -190,6 +211,10 @@ class Blip2Base(BaseModel):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """image [B, 3, H, W] -> ``ln_vision`` output [B, 1 + patches, width], float32 (the encoder's part
         from ``image_feature_cache`` for images it has seen)."""
+        return self.ln_vision(self.image_features(image))
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """``encode_image`` before ``ln_vision``: the encoder's output [B, 1 + patches, width] as float32."""
         def encode(images: torch.Tensor) -> torch.Tensor:
             return vision_features(self.visual_encoder, images, self.cfg.vit_precision)
 
@@ -200,12 +225,13 @@ class Blip2Base(BaseModel):
         image = image.to(self.device)
         cache = self.image_feature_cache
         features = encode(image) if cache is None else cache.encode(image, encode)
-        return self.ln_vision(features.float())
+        return features.float()
 
-    def query_pass(self, image_embeds: torch.Tensor, use_cache: bool = False):
-        """Queries cross-attending to the image (no text): QFormerOutput with [B, Q, H]."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds, use_cache=use_cache)
+    def query_pass(self, image: torch.Tensor | ImageKeyValues, use_cache: bool = False):
+        """Queries cross-attending to the image (no text): QFormerOutput with [B, Q, H]. ``image``: features
+        [B, N, C] or their keys/values projected beforehand (``Qformer.bert.image_key_values``)."""
+        queries = self.query_tokens.expand(_rows(image), -1, -1)
+        return self.Qformer.bert(query_embeds=queries, use_cache=use_cache, **_image_inputs(image))
 
     def allow_missing(self, state: dict[str, torch.Tensor]) -> tuple[str, ...]:
         """A checkpoint may lack the image encoder only if it already has weights (``vit_pretrained`` or
@@ -301,19 +327,40 @@ class Blip2Qformer(Blip2Base):
         return self.Qformer.bert(input_ids, attention_mask=attention_mask).last_hidden_state
 
     def multimodal_pass(
-        self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+        self, image: torch.Tensor | ImageKeyValues, text_ids: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Queries and text attend to each other (queries also to the image): [B, Q + T, H]."""
-        batch = image_embeds.shape[0]
+        """Queries and text attend to each other (queries also to the image): [B, Q + T, H]. ``image``:
+        features [B, N, C] or projected keys/values with one image per row."""
+        batch = _rows(image)
         queries = self.query_tokens.expand(batch, -1, -1)
         query_mask = torch.ones(batch, self.num_query_token, dtype=text_mask.dtype, device=text_mask.device)
         return self.Qformer.bert(text_ids, attention_mask=torch.cat([query_mask, text_mask], dim=1),
-                                 query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+                                 query_embeds=queries, **_image_inputs(image)).last_hidden_state
 
-    def itm_logits(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def itm_logits(self, image: torch.Tensor | ImageKeyValues, text_ids: torch.Tensor,
+                   text_mask: torch.Tensor) -> torch.Tensor:
         """[B, 2] (no match, match): the ITM head averaged over the multimodal query outputs."""
-        hidden = self.multimodal_pass(image_embeds, text_ids, text_mask)
+        hidden = self.multimodal_pass(image, text_ids, text_mask)
         return self.itm_head(hidden[:, : self.num_query_token]).mean(dim=1)
+
+    def itm_images(self, image_kv: ImageKeyValues, image_embeds_all: torch.Tensor, negative_image: torch.Tensor,
+                   rank: int, world_size: int) -> ImageKeyValues:
+        """Keys/values of the 3b ITM pairs' images: (image i, hard negative of text i, image i).
+
+        ``image_kv``: this rank's b images, projected once by the image pass; the pairs select from it,
+        so the projections are not repeated and every pair's gradient sums into them. A negative from
+        another rank (``negative_image`` [b] indexes the gathered ``image_embeds_all`` [N, P, C]) is
+        projected here; its gradient returns to its rank through the gather's backward, which every rank
+        therefore always joins (an empty selection when all negatives are local).
+        """
+        b = image_kv.num_images
+        own = torch.arange(b, device=negative_image.device)
+        local = negative_image - rank * b
+        if world_size > 1:
+            remote = (local < 0) | (local >= b)
+            image_kv = image_kv.cat(self.Qformer.bert.image_key_values(image_embeds_all[negative_image[remote]]))
+            local = local.masked_scatter(remote, b + torch.arange(int(remote.sum()), device=local.device))
+        return image_kv.select(torch.cat([own, local, own]))
 
     # ------------------------------------------------------------------------------------- training
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -330,8 +377,11 @@ class Blip2Qformer(Blip2Base):
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
 
-        image_embeds = self.encode_image(image)  # [b, P, C]
-        query_out = self.query_pass(image_embeds, use_cache=True)
+        features = self.image_features(image)  # [b, P, C]
+        image_embeds = self.ln_vision(features)  # what other ranks' ITM negatives are projected from
+        # every image's keys/values, projected once for the image pass and ITM, ln_vision folded in
+        image_kv = self.Qformer.bert.image_key_values(features, norm=self.ln_vision)
+        query_out = self.query_pass(image_kv, use_cache=True)
         image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)  # [b, Q, D]
         # dynamic padding: to the longest caption of any rank (ITM gathers the texts, so all ranks agree)
         text_ids, text_mask = self.tokenize(texts, padding="longest")
@@ -361,7 +411,7 @@ class Blip2Qformer(Blip2Base):
             negative_image = self.negative_sampler(sim_t2i, positive)  # [b] global image index per text
             negative_text = self.negative_sampler(sim_i2t, positive)  # [b] global text index per image
         itm_logits = self.itm_logits(
-            torch.cat([image_embeds, image_embeds_all[negative_image], image_embeds], dim=0),
+            self.itm_images(image_kv, image_embeds_all, negative_image, rank, world_size),
             torch.cat([text_ids, text_ids, text_ids_all[negative_text]], dim=0),
             torch.cat([text_mask, text_mask, text_mask_all[negative_text]], dim=0),
         )
@@ -372,7 +422,8 @@ class Blip2Qformer(Blip2Base):
         query_mask = torch.ones(b, self.num_query_token, dtype=text_mask.dtype, device=text_mask.device)
         lm_out = self.Qformer.bert(decoder_ids, attention_mask=torch.cat([query_mask, text_mask], dim=1),
                                    past_key_values=query_out.past_key_values, is_decoder=True)
-        loss_lm = losses.lm_loss(self.Qformer.lm_logits(lm_out.last_hidden_state), labels)
+        predicting, targets = losses.lm_targets(labels)  # the LM head skips positions that predict no label
+        loss_lm = losses.lm_loss_on_targets(self.Qformer.lm_logits(lm_out.last_hidden_state[predicting]), targets)
 
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}
 

@@ -154,3 +154,17 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                            label_smoothing=label_smoothing)
 
+
+def lm_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicting [B, T] bool, targets [n]): the positions whose logits predict a label (position t
+    predicts labels[:, t + 1]; the last position and those before padding predict none) and those labels,
+    in order. ``lm_loss_on_targets`` of the logits at just these positions equals ``lm_loss``."""
+    targets = labels[:, 1:]
+    predicting = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+    return predicting, targets[targets != IGNORE_INDEX]
+
+
+def lm_loss_on_targets(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """``lm_loss`` given the logits [n, V] of the predicting positions and their targets [n] (``lm_targets``)."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+

@@ -14,7 +14,13 @@ How we differ from LAVIS:
   ``token_type_embeddings`` (LAVIS drops BERT's too), no relative positions, head pruning, chunked FFN or
   HF ``generate``;
 - ``text_branch=False`` builds no word/position embeddings, text FFN or LM head: LAVIS's stage-2 models
-  delete them after construction.
+  delete them after construction;
+- padding costs nothing: a pass computes only the query positions and the real text positions
+  (``TokenLayout``), as rows of one [R, H] tensor, and lays them out padded only for attention, where
+  padding is masked anyway; the outputs at padding positions are zero (LAVIS computes values there that
+  nothing reads);
+- the cross-attention keys/values of an image can be projected once (``BertModel.image_key_values``) and
+  shared by several passes and pairs (ITM's negatives) instead of being projected per pass.
 """
 from __future__ import annotations
 
@@ -108,8 +114,92 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
+class TokenLayout(NamedTuple):
+    """The positions a pass computes, out of its padded [B, L] batch (L = Q queries + T text positions).
+
+    A pass's hidden states are rows [R, H]: the B * Q query positions first (sample by sample), then the
+    real text positions (sample by sample, in order). Padding positions are not rows: they would only
+    ever be keys that the attention masks hide. ``index`` [R] gives each row's position in B * L; None
+    when the rows are every position in padded order (no padding, and queries or text alone).
+    """
+
+    batch: int
+    length: int
+    query_length: int
+    index: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, text_mask: Optional[torch.Tensor], batch: int, query_length: int, text_length: int,
+           device: torch.device) -> "TokenLayout":
+        """``text_mask`` [B, T] (1: real token) or None (every text position is real)."""
+        length = query_length + text_length
+        all_real = text_mask is None or bool(text_mask.all())
+        if all_real and (query_length == 0 or text_length == 0):
+            return cls(batch, length, query_length, None)
+        starts = torch.arange(batch, device=device)[:, None] * length
+        queries = (starts + torch.arange(query_length, device=device)).flatten()
+        text = starts + query_length + torch.arange(text_length, device=device)
+        text = text.flatten() if all_real else text.masked_select(text_mask.bool())
+        return cls(batch, length, query_length, torch.cat([queries, text]))
+
+    @property
+    def num_query_rows(self) -> int:
+        return self.batch * self.query_length
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R, C] -> [B, L, C], zeros at padding positions."""
+        if self.index is None:
+            return rows.reshape(self.batch, self.length, -1)
+        padded = rows.new_zeros(self.batch * self.length, rows.shape[-1]).index_copy(0, self.index, rows)
+        return padded.view(self.batch, self.length, -1)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] -> [R, C]."""
+        flat = padded.reshape(self.batch * self.length, -1)
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+
+class ImageKeyValues(NamedTuple):
+    """Every cross-attention layer's keys/values of ``n`` images (``BertModel.image_key_values``), and
+    which image each row of a batch attends to.
+
+    ``layers``: per Q-Former layer (key, value) [n, heads, N, H / heads], None where the layer has no
+    cross-attention. ``index``: [B] image of each batch row (None: row i is image i); each layer gathers
+    its own keys/values by it, so gradients of every pair sum into the one projection of an image, and
+    activation checkpointing recomputes the gathered copies rather than keeping them. ``mask``: [n, N]
+    (1: real image token) or None.
+    """
+
+    layers: tuple[Optional[tuple[torch.Tensor, torch.Tensor]], ...]
+    index: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+    @property
+    def num_images(self) -> int:
+        return next(kv[0].shape[0] for kv in self.layers if kv is not None)
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_images if self.index is None else self.index.shape[0]
+
+    def select(self, index: torch.Tensor) -> "ImageKeyValues":
+        """Batch rows showing images ``index`` [B] of these rows."""
+        return self._replace(index=index if self.index is None else self.index[index])
+
+    def cat(self, other: "ImageKeyValues") -> "ImageKeyValues":
+        """The images of both (neither may have an ``index`` yet)."""
+        if self.index is not None or other.index is not None:
+            raise ValueError("ImageKeyValues.cat joins image sets; select rows after joining")
+        if (self.mask is None) != (other.mask is None):
+            raise ValueError("ImageKeyValues.cat: give both image sets a mask or neither")
+        layers = tuple(None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+                       for a, b in zip(self.layers, other.layers))
+        return ImageKeyValues(layers, None, None if self.mask is None else torch.cat([self.mask, other.mask]))
+
+
 class MultiHeadAttention(nn.Module):
-    """``query``/``key``/``value`` projections and SDPA; keys/values from ``kv_states`` for cross-attention."""
+    """``query``/``key``/``value`` projections and SDPA: self-attention over the rows of a ``TokenLayout``,
+    or cross-attention of the queries to keys/values projected beforehand (``key_value``)."""
 
     def __init__(self, cfg: QFormerConfig, kv_width: int):
         super().__init__()
@@ -123,25 +213,43 @@ class MultiHeadAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H] -> [B, heads, L, H / heads]
-        return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], self.num_heads, x.shape[2] // self.num_heads).transpose(1, 2)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:  # heads in, [B, L, H] out
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return out.transpose(1, 2).flatten(2)
+
+    def key_value(self, source: torch.Tensor, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, N, kv_width] -> (key, value), each [n, heads, N, H / heads]. ``scale``/``shift`` [kv_width]:
+        project ``source * scale + shift`` instead, folded into the weights (W diag(scale), W shift + b)."""
+        if scale is None:
+            return self._heads(self.key(source)), self._heads(self.value(source))
+        key, value = (F.linear(source, proj.weight * scale, torch.addmv(proj.bias, proj.weight, shift))
+                      for proj in (self.key, self.value))
+        return self._heads(key), self._heads(value)
 
     def forward(
         self,
         hidden: torch.Tensor,
+        layout: TokenLayout,
         mask: Optional[torch.Tensor] = None,
-        kv_states: Optional[torch.Tensor] = None,
         past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """hidden [B, L, H] -> ([B, L, H], (key, value) [B, heads, keys, H / heads] incl. ``past_kv``)."""
-        source = hidden if kv_states is None else kv_states
-        query = self._heads(self.query(hidden))
-        key, value = self._heads(self.key(source)), self._heads(self.value(source))
+        """Self-attention: rows [R, H] of ``layout`` -> ([R, H], (key, value) [B, heads, keys, H / heads]
+        incl. ``past_kv``; zero at padding positions, which ``mask`` hides)."""
+        query, key, value = (self._heads(layout.pad(proj(hidden))) for proj in (self.query, self.key, self.value))
         if past_kv is not None:
             key, value = torch.cat([past_kv[0], key], dim=2), torch.cat([past_kv[1], value], dim=2)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
-        )
-        return out.transpose(1, 2).flatten(2), (key, value)
+        return layout.unpad(self._attend(query, key, value, mask)), (key, value)
+
+    def cross(self, queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-attention: queries [B, Q, H] to (key, value) [B, heads, N, H / heads] -> [B, Q, H]."""
+        return self._attend(self._heads(self.query(queries)), key, value, mask)
 
 
 class ResidualOutput(nn.Module):
@@ -163,9 +271,14 @@ class Attention(nn.Module):
         self.self = MultiHeadAttention(cfg, kv_width)
         self.output = ResidualOutput(cfg, cfg.hidden_size)
 
-    def forward(self, hidden, mask=None, kv_states=None, past_kv=None):
-        out, present = self.self(hidden, mask, kv_states, past_kv)
+    def forward(self, hidden, layout, mask=None, past_kv=None):
+        """Self-attention block on the rows [R, H] of ``layout``."""
+        out, present = self.self(hidden, layout, mask, past_kv)
         return self.output(out, hidden), present
+
+    def cross(self, queries, key, value, mask=None):
+        """Cross-attention block: queries [B, Q, H] to projected image keys/values."""
+        return self.output(self.self.cross(queries, key, value, mask), queries)
 
 
 class Intermediate(nn.Module):
@@ -194,19 +307,34 @@ class Layer(nn.Module):
         self.intermediate_query = Intermediate(cfg)
         self.output_query = ResidualOutput(cfg, cfg.intermediate_size)
 
-    def forward(self, hidden, self_mask, query_length, image_embeds, image_mask, past_kv):
-        attended, present = self.attention(hidden, self_mask, past_kv=past_kv)
-        if query_length == 0:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        layout: TokenLayout,
+        self_mask: Optional[torch.Tensor],
+        image_kv: Optional[tuple[torch.Tensor, torch.Tensor]],
+        image_index: Optional[torch.Tensor],
+        image_mask: Optional[torch.Tensor],
+        past_kv: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """hidden [R, H]: the rows of ``layout`` (queries first) -> ([R, H], self-attention (key, value)).
+        ``image_kv``: this layer's (key, value) [n, heads, N, H / heads] of the images, ``image_index`` [B]
+        the image of each batch row (None: row i is image i), ``image_mask`` [B, 1, 1, N] or None."""
+        attended, present = self.attention(hidden, layout, self_mask, past_kv)
+        num_queries = layout.num_query_rows
+        if num_queries == 0:
             return self.output(self.intermediate(attended), attended), present
-        queries = attended[:, :query_length]
+        queries = attended[:num_queries]
         if self.crossattention is not None:
-            if image_embeds is None:
+            if image_kv is None:
                 raise ValueError("query positions need image features (encoder_hidden_states) for cross-attention")
-            queries, _ = self.crossattention(queries, image_mask, kv_states=image_embeds)
+            key, value = image_kv if image_index is None else (image_kv[0][image_index], image_kv[1][image_index])
+            queries = queries.view(layout.batch, layout.query_length, -1)
+            queries = self.crossattention.cross(queries, key, value, image_mask).flatten(0, 1)
         out = self.output_query(self.intermediate_query(queries), queries)
-        if attended.shape[1] > query_length:
-            text = attended[:, query_length:]
-            out = torch.cat([out, self.output(self.intermediate(text), text)], dim=1)
+        if attended.shape[0] > num_queries:
+            text = attended[num_queries:]
+            out = torch.cat([out, self.output(self.intermediate(text), text)])
         return out, present
 
 
@@ -217,7 +345,7 @@ class Encoder(nn.Module):
 
 
 class QFormerOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # [B, queries + text, H]
+    last_hidden_state: torch.Tensor  # [B, queries + text, H]; zero at padding positions
     past_key_values: Optional[KVCache]  # with use_cache: every layer's self-attention keys/values
 
 
@@ -230,6 +358,31 @@ class BertModel(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
 
+    def image_key_values(self, image_embeds: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                         norm: Optional[nn.LayerNorm] = None) -> ImageKeyValues:
+        """Project image features [n, N, encoder_width] (``mask`` [n, N], 1: real) to every cross-attention
+        layer's keys/values once; passes and pairs that show these images select them by index.
+
+        ``norm``: a LayerNorm to apply to ``image_embeds`` first (BLIP-2's ``ln_vision``). When the features
+        need no gradient (a frozen image encoder) but its affine part does, that affine part is folded into
+        the projections (``MultiHeadAttention.key_value``): backward then computes the projections' weight
+        gradients only, not the gradient with respect to their [n * N, encoder_width] input, which a
+        frozen encoder does not use (``norm.weight``/``bias`` get theirs from the folded weights).
+        """
+        scale = shift = None
+        if norm is not None:
+            fold = (norm.elementwise_affine and norm.bias is not None and not image_embeds.requires_grad
+                    and torch.is_grad_enabled() and norm.weight.requires_grad)
+            if fold:
+                image_embeds = F.layer_norm(image_embeds, norm.normalized_shape, eps=norm.eps)
+                scale, shift = norm.weight, norm.bias
+            else:
+                image_embeds = norm(image_embeds)
+        layers = tuple(None if layer.crossattention is None
+                       else layer.crossattention.self.key_value(image_embeds, scale, shift)
+                       for layer in self.encoder.layer)
+        return ImageKeyValues(layers, None, mask)
+
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -240,8 +393,9 @@ class BertModel(nn.Module):
         past_key_values: Optional[KVCache] = None,
         use_cache: bool = False,
         is_decoder: bool = False,
+        image_key_values: Optional[ImageKeyValues] = None,
     ) -> QFormerOutput:
-        """Run [query_embeds; input_ids] through the layers.
+        """Run [query_embeds; input_ids] through the layers; only query and real text positions are computed.
 
         Args:
             input_ids: [B, T] text tokens (optional).
@@ -252,12 +406,18 @@ class BertModel(nn.Module):
                 (LAVIS's ITG reuses the image pass's query keys/values this way); text positions then
                 continue after the cached text.
             is_decoder: causal text (text sees the queries and earlier text; queries never see text).
+            image_key_values: instead of ``encoder_hidden_states``: the images' keys/values projected
+                beforehand (``image_key_values``), with the image of each row.
         """
         cfg = self.config
         if input_ids is None and query_embeds is None:
             raise ValueError("give input_ids, query_embeds or both")
         if past_key_values is not None and query_embeds is not None:
             raise ValueError("query_embeds with past_key_values: the cache already holds the queries")
+        if encoder_hidden_states is not None:
+            if image_key_values is not None:
+                raise ValueError("give encoder_hidden_states or image_key_values, not both")
+            image_key_values = self.image_key_values(encoder_hidden_states, encoder_attention_mask)
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if past_len and past_len < cfg.num_query_token:
             raise ValueError(f"the cache holds {past_len} positions, fewer than num_query_token={cfg.num_query_token}")
@@ -273,14 +433,26 @@ class BertModel(nn.Module):
                              f"({batch}, {past_len + length}) = (batch, cached + queries + text)")
         prefix_len = cfg.num_query_token if past_len else query_length
         self_mask = self_attention_mask(attention_mask, length, prefix_len, causal=is_decoder)
-        image_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
+        image_index = image_mask = None
+        if image_key_values is not None and query_length:
+            if image_key_values.batch_size != batch:
+                raise ValueError(f"image keys/values for {image_key_values.batch_size} rows but {batch} rows of "
+                                 "queries; select one image per row (ImageKeyValues.select)")
+            image_index = image_key_values.index
+            if image_key_values.mask is not None:
+                image_mask = image_key_values.mask.bool()
+                image_mask = (image_mask if image_index is None else image_mask[image_index])[:, None, None, :]
+        layout = TokenLayout.of(attention_mask[:, past_len + query_length:], batch, query_length,
+                                length - query_length, hidden.device)
 
+        hidden = layout.unpad(hidden)
         presents = []
         for i, layer in enumerate(self.encoder.layer):
             past_kv = past_key_values[i] if past_key_values is not None else None
-            hidden, present = layer(hidden, self_mask, query_length, encoder_hidden_states, image_mask, past_kv)
+            image_kv = image_key_values.layers[i] if image_key_values is not None and query_length else None
+            hidden, present = layer(hidden, layout, self_mask, image_kv, image_index, image_mask, past_kv)
             presents.append(present)
-        return QFormerOutput(hidden, tuple(presents) if use_cache else None)
+        return QFormerOutput(layout.pad(hidden), tuple(presents) if use_cache else None)
 
 
 class PredictionHeadTransform(nn.Module):

@@ -21,8 +21,9 @@ Differences from LAVIS:
 - ``vit_precision`` fp16/bf16 converts Linear/Conv weights as LAVIS's ``convert_weights_to_fp16`` does
   (norms, biases of q/v, position embeddings stay fp32) and runs the encoder under ``torch.autocast`` to
   that dtype; LAVIS leaves the autocast to its caller.
-- gradient checkpointing (timm's ``set_grad_checkpointing``) covers every block; LAVIS's CLIP-L only
-  checkpoints blocks 13 and up.
+- activation checkpointing (``model.vit_use_checkpoint``) is applied by the model to every block with
+  ``blocks.checkpoint_blocks``, not timm's ``set_grad_checkpointing``; LAVIS's CLIP-L only checkpoints
+  blocks 13 and up.
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def _spec(vit_model: str, arch: VitArch | None = None) -> VitSpec:
 
 # ---------------------------------------------------------------------------------------- model
 def create_vision_encoder(
-    vit_model: str, img_size: int = 224, drop_path_rate: float = 0.0, use_grad_checkpoint: bool = False,
-    depth: int | None = None, arch: VitArch | None = None,
+    vit_model: str, img_size: int = 224, drop_path_rate: float = 0.0, depth: int | None = None,
+    arch: VitArch | None = None,
 ) -> nn.Module:
     """The timm ViT for ``vit_model``, randomly initialised (load weights with ``load_vision_weights``).
 
@@ -144,7 +145,6 @@ def create_vision_encoder(
         drop_path_rate=drop_path_rate,
         **kwargs,
     )
-    encoder.set_grad_checkpointing(use_grad_checkpoint)
     return encoder
 
 

@@ -83,11 +83,14 @@ class CaptionSamplesHook(Hook):
         self.batch, self.every_n_steps = batch, every_n_steps
 
     def after_step(self, runner: "Runner", iteration: int, outputs: dict[str, float]) -> None:
-        if (iteration + 1) % self.every_n_steps or not dist.is_main_process():
+        if (iteration + 1) % self.every_n_steps:
             return
-        runner.model.eval()
-        captions = runner.model.generate(self.batch, num_beams=1, max_new_tokens=30)
-        runner.model.train()
+        with runner.strategy.full_weights():  # every rank: FSDP gathers the weights
+            if not dist.is_main_process():
+                return
+            runner.model.eval()
+            captions = runner.model.generate(self.batch, num_beams=1, max_new_tokens=30)
+            runner.model.train()
         samples = [{"image_id": i, "caption": c} for i, c in zip(self.batch["image_id"], captions)]
         for sample in samples:
             logger.info("iteration %d, %s: %s", iteration + 1, sample["image_id"], sample["caption"])

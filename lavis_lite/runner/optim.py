@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lavis_lite import dist
 from lavis_lite.registry import LR_SCHEDULERS
 
 
@@ -117,9 +118,9 @@ class OptimWrapper:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            stats["grad_norm"] = clip_grad_norm(params, self.max_grad_norm)
         elif not self.scaler.is_enabled():
-            stats["grad_norm"] = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            stats["grad_norm"] = grad_norm([p.grad for p in params])
         if not self.scaler.is_enabled() and not math.isfinite(stats["grad_norm"]):
             self.optimizer.zero_grad(set_to_none=True)
             return {**stats, "skipped": True}
@@ -136,3 +137,31 @@ class OptimWrapper:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "to_local")  # a DTensor: this process's shard of an FSDP gradient
+
+
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """The L2 norm of all ``grads`` together. FSDP shards (DTensors) count each process's part once, summed
+    over processes; plain tensors are the same on every process (replicated) and count once."""
+    if not any(_sharded(g) for g in grads):
+        return float(torch.nn.utils.get_total_norm(grads))
+    zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    local = sum((torch.linalg.vector_norm(g.to_local(), dtype=torch.float64) ** 2 for g in grads if _sharded(g)), zero)
+    replicated = sum((torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads if not _sharded(g)), zero)
+    return float((dist.all_reduce_sum(local) + replicated).sqrt())
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients of ``params`` so their total norm is at most ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_``, which does it without FSDP); return the norm before clipping."""
+    grads = [p.grad for p in params]
+    if not any(_sharded(g) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = grad_norm(grads)
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for grad in grads:
+            grad.mul_(scale)
+    return norm

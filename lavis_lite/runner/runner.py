@@ -6,7 +6,6 @@ One loop serves both LAVIS runners: ``runner_base`` trains ``max_epoch`` passes 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -17,7 +16,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 
 from lavis_lite import dist
@@ -25,10 +23,11 @@ from lavis_lite.config import ConfigError, RunConfig, Sources, did_you_mean, mer
 from lavis_lite.data.builders import build_datasets  # also registers the ${shapes_root:} resolver
 from lavis_lite.data.samplers import EvalSampler, TrainSampler, mixing_weights
 from lavis_lite.logging import setup_logging
-from lavis_lite.registry import DATASETS, LR_SCHEDULERS, MODELS, RUNNERS, TASKS
+from lavis_lite.registry import DATASETS, LR_SCHEDULERS, MODELS, RUNNERS, STRATEGIES, TASKS
 from lavis_lite.runner import checkpoint
 from lavis_lite.runner.hooks import CaptionSamplesHook, Hook, JsonLogHook, append_jsonl
 from lavis_lite.runner.optim import OptimWrapper, build_adamw
+from lavis_lite.runner.strategy import DDPStrategy, Strategy
 from lavis_lite.tasks.base import BaseTask
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,10 @@ class Runner:
         hooks: list[Hook] | None = None,
         device: torch.device = torch.device("cpu"),
         config_yaml: str = "",
+        strategy: Strategy | None = None,
     ):
+        """``strategy``: how ``model`` is spread over the processes, built before ``optim`` (FSDP replaces the
+        parameters the optimizer must hold); None: DDP when training, else the bare model."""
         self.model, self.task, self.cfg, self.optim = model, task, cfg, optim
         self.train_loader, self.eval_loaders = train_loader, eval_loaders or {}
         self.device, self.config_yaml = device, config_yaml
@@ -64,11 +66,11 @@ class Runner:
         if dist.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.hooks = hooks if hooks is not None else [JsonLogHook(self.output_dir, cfg.log_freq)]
-        self.ddp_model = (
-            DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-            if dist.is_dist() and train_loader is not None
-            else None
-        )
+        if strategy is None:
+            if cfg.strategy != "ddp" and train_loader is not None:
+                raise ValueError(f"run.strategy={cfg.strategy}: pass Runner(strategy=...) built before the optimizer")
+            strategy = DDPStrategy(model, device) if train_loader is not None else Strategy(model, device)
+        self.strategy = strategy
         self.iteration = 0  # next training iteration (micro-batch) to run
         self.data_epoch, self.data_position = 0, 0  # passes over the data; batches taken in this pass
         self.best_metric, self.best_iteration = -math.inf, -1
@@ -121,7 +123,7 @@ class Runner:
         if self.cfg.test_splits:
             best = self.output_dir / "checkpoint_best.pth"
             if best.is_file():
-                self.model.load_state_dict(checkpoint.load(best)["model"], strict=False)
+                self.model.load_state_dict(self.strategy.local_tensors(checkpoint.load(best)["model"]), strict=False)
                 logger.info("testing the best checkpoint (iteration %d)", self.best_iteration)
             self.evaluate(self.cfg.test_splits)
         self._fire("after_train")
@@ -148,12 +150,11 @@ class Runner:
         return summary
 
     def _train_step(self, batch: dict[str, Any], epoch_end: int) -> dict[str, float]:
-        model = self.ddp_model or self.model
+        model = self.strategy.train_module
         accum = self.cfg.accum_grad_iters
         sync = (self.iteration + 1) % accum == 0 or self.iteration + 1 == epoch_end
-        no_sync = model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
         lr = self.optim.schedule(self.iteration)
-        with no_sync:
+        with self.strategy.sync_gradients(sync):
             problem = None
             try:
                 with self.optim.autocast():
@@ -163,7 +164,7 @@ class Runner:
             logs = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
             if problem is None and not all(math.isfinite(v) for v in logs.values()):
                 problem = "the loss is not finite"
-            # every rank skips together, or the others would wait in DDP's gradient all-reduce
+            # every rank skips together, or the others would wait in the gradient all-reduce
             if dist.max_over_ranks(int(problem is not None), self.device):
                 return self._skip_nonfinite(problem or "another process met a non-finite loss", logs, lr)
             self.optim.backward(outputs["loss"])
@@ -242,7 +243,8 @@ class Runner:
         results = {}
         for name, loader in self.eval_loaders.items():
             if name in splits or name.rsplit("/", 1)[-1] in splits:
-                results[name] = self.task.evaluation(self.model, loader, name, str(self.output_dir))
+                with self.strategy.full_weights():
+                    results[name] = self.task.evaluation(self.model, loader, name, str(self.output_dir))
                 self.last_metrics[name] = results[name]
                 self._fire("after_eval", name, results[name])
         missing = [s for s in splits if not any(n == s or n.endswith("/" + s) for n in results)]
@@ -255,8 +257,8 @@ class Runner:
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.model.trainable_state_dict(),
-            "optim": self.optim.state_dict() if self.optim else None,
+            "model": self.strategy.full_tensors(self.model.trainable_state_dict()),  # every rank: FSDP gathers
+            "optim": self.strategy.full_tensors(self.optim.state_dict()) if self.optim else None,
             "iteration": self.iteration,
             "data_epoch": self.data_epoch,
             "data_position": self.data_position,
@@ -287,9 +289,10 @@ class Runner:
         state = checkpoint.load(path)
         expected = self.model.trainable_state_dict()
         checkpoint.check_trainable_keys(state["model"], expected, str(path))
-        self.model.load_state_dict(state["model"], strict=False)
+        self.model.load_state_dict(self.strategy.local_tensors(state["model"]), strict=False)
         if self.optim is not None and state["optim"] is not None:
-            self.optim.load_state_dict(state["optim"])
+            optimizer = self.strategy.local_optimizer_state(state["optim"]["optimizer"], self.optim.optimizer)
+            self.optim.load_state_dict({**state["optim"], "optimizer": optimizer})
         self.iteration = state["iteration"]
         self.data_epoch, self.data_position = state["data_epoch"], state["data_position"]
         self.best_metric, self.best_iteration = state["best"]["metric"], state["best"]["iteration"]
@@ -347,9 +350,11 @@ class Runner:
             check_unaugmented(datasets, run_cfg.train_splits)
         if run_cfg.freeze:
             model.freeze(run_cfg.freeze)
-        model.to(device)
 
         train_loader = optim = None
+        amp_dtype = getattr(torch, run_cfg.amp_dtype) if run_cfg.amp and device.type == "cuda" else None
+        strategy = Strategy(model, device) if run_cfg.evaluate else STRATEGIES.get(run_cfg.strategy)(model, device,
+                                                                                                      amp_dtype)
         if not run_cfg.evaluate:
             train_loader = build_train_loader(datasets, run_cfg)
             if len(train_loader) == 0:
@@ -363,7 +368,6 @@ class Runner:
                 warmup_steps=run_cfg.warmup_steps, total_steps=total, steps_per_epoch=steps_per_epoch,
                 decay_rate=run_cfg.decay_rate,
             )
-            amp_dtype = getattr(torch, run_cfg.amp_dtype) if run_cfg.amp and device.type == "cuda" else None
             optim = OptimWrapper(
                 build_adamw(model, run_cfg.weight_decay, run_cfg.beta2, run_cfg.fused_adamw, device), schedule,
                 run_cfg.accum_grad_iters, run_cfg.max_grad_norm, amp_dtype, device.type,
@@ -373,7 +377,7 @@ class Runner:
         if run_cfg.sample_captions_every:
             hooks.append(caption_samples_hook(datasets, run_cfg, device))
         return cls(model, task, run_cfg, optim, train_loader, eval_loaders, hooks=hooks,
-                   device=device, config_yaml=config_yaml)
+                   device=device, config_yaml=config_yaml, strategy=strategy)
 
 
 def validate(cfg: DictConfig, sources: Sources | None = None) -> tuple[RunConfig, Any]:

@@ -182,19 +182,6 @@ def test_low_precision_converts_linear_and_conv_weights_only(precision, dtype):
     assert (out.float() - expected).abs().max() < 0.1 * expected.abs().max()
 
 
-def test_grad_checkpointing_flag_and_equal_gradients():
-    plain = create_vision_encoder("tiny", img_size=64)
-    ckpt = create_vision_encoder("tiny", img_size=64, use_grad_checkpoint=True)
-    ckpt.load_state_dict(plain.state_dict())
-    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
-    image = torch.randn(2, 3, 64, 64)
-    for model in (plain, ckpt):
-        model.train()
-        model.forward_features(image).square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-
-
 def test_unknown_vit_model_and_bad_size():
     with pytest.raises(ValueError, match="choose one of"):
         create_vision_encoder("eva_clip_h")

@@ -10,7 +10,7 @@ from tests.runner.toys import ToyCaptions, free_port, make_runner, run_in_proces
 
 def _train(out_dir):
     runner = make_runner(out_dir / f"rank{dist.get_rank()}", batch_size_train=4, max_epoch=2)
-    assert runner.ddp_model is not None
+    assert runner.strategy.train_module is not runner.model  # DDP-wrapped
     runner.train()
     torch.save(runner.model.state_dict(), out_dir / f"params_rank{dist.get_rank()}.pt")
 

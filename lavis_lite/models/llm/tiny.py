@@ -253,30 +253,86 @@ def _pad(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _text_loss(model: nn.Module, sequences: list[list[int]]) -> torch.Tensor:
-    """Next-token loss on every token of ``sequences``."""
-    ids, mask = _pad(sequences)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    labels = ids.masked_fill(mask == 0, -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+@dataclasses.dataclass
+class _Segment:
+    """One sequence of a packed step: its input ids (0 at the context-vector slots ``1..vectors``)
+    and the next-token targets of its positions from ``first_target`` on."""
+
+    ids: list[int]
+    vectors: int
+    first_target: int
+    targets: list[int]
+
+
+def _pack(lengths: list[int]) -> tuple[list[tuple[int, int]], int, int]:
+    """First-fit decreasing into rows as wide as the longest sequence: ``(row, start)`` per
+    sequence, the number of rows and the width."""
+    width = max(lengths)
+    used: list[int] = []  # per row, its first free column
+    places: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, n in enumerate(used) if n + lengths[i] <= width), len(used))
+        if row == len(used):
+            used.append(0)
+        places[i] = (row, used[row])
+        used[row] += lengths[i]
+    return places, len(used), width
+
+
+def _packed_losses(model: nn.Module, encoder: CaptionEncoder, bos: int, text: list[list[int]],
+                   halves: list[tuple[list[list[int]], list[tuple[list[int], list[int]]]]]) -> list[torch.Tensor]:
+    """``[text loss, one loss per context half]`` from one encoder pass and one LLM pass.
+
+    The text loss is the next-token loss on every token of ``text``; a half ``(sources, pairs)``
+    lays out ``[bos] + encoder(source) + prompt + target`` per image (Blip2LLM's layout, the vectors
+    in the place of the image queries) and scores the targets only. Each loss is its own mean, as
+    if each group were its own padded batch. The sequences, minus their last token (it predicts
+    nothing), are packed several to a row of [rows, width] with position ids restarting per sequence
+    and a block-diagonal causal mask; so no padding up to the longest of a batch, and the LM head
+    runs only on positions that have a target. A group without sequences gives a zero loss.
+    """
+    embed = model.get_input_embeddings()
+    sources = [source for half_sources, _ in halves for source in half_sources]
+    k = encoder.queries.shape[0]
+    segments = [_Segment(ids[:-1], 0, 0, ids[1:]) for ids in text]
+    segments += [_Segment([bos] + [0] * k + (prompt + target)[:-1], k, k + len(prompt), target)
+                 for _, pairs in halves for prompt, target in pairs]
+    places, rows, width = _pack([len(segment.ids) for segment in segments])
+    ids, positions = [0] * (rows * width), [0] * (rows * width)
+    sequence = [-1] * (rows * width)  # padding: its own sequence, so no row of the mask is empty
+    vector_slots, target_slots, targets = [], [], []
+    for i, (segment, (row, start)) in enumerate(zip(segments, places)):
+        at = row * width + start
+        ids[at: at + len(segment.ids)] = segment.ids
+        positions[at: at + len(segment.ids)] = range(len(segment.ids))
+        sequence[at: at + len(segment.ids)] = [i] * len(segment.ids)
+        vector_slots += range(at + 1, at + 1 + segment.vectors)
+        target_slots += range(at + segment.first_target, at + segment.first_target + len(segment.targets))
+        targets += segment.targets
+    inputs = embed(torch.tensor(ids))  # [rows * width, H]
+    if sources:
+        source, source_mask = _pad(sources)
+        vectors = encoder(embed(source), source_mask == 0)
+        inputs = inputs.index_put((torch.tensor(vector_slots),), vectors.flatten(0, 1))
+    sequence_ids = torch.tensor(sequence).view(rows, width)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & causal
+    # additive float mask: what both the sdpa and the eager attention of transformers add to the scores
+    mask = torch.zeros(allowed.shape, dtype=inputs.dtype).masked_fill(~allowed, torch.finfo(inputs.dtype).min)
+    hidden = model.get_decoder()(inputs_embeds=inputs.view(rows, width, -1), attention_mask=mask[:, None],
+                                 position_ids=torch.tensor(positions).view(rows, width), use_cache=False
+                                 ).last_hidden_state
+    logits = model.get_output_embeddings()(hidden.flatten(0, 1)[torch.tensor(target_slots)])
+    losses = F.cross_entropy(logits, torch.tensor(targets), reduction="none")
+    counts = [sum(len(ids) - 1 for ids in text)] + [sum(len(target) for _, target in pairs) for _, pairs in halves]
+    return [part.mean() if len(part) else torch.zeros(()) for part in losses.split(counts)]
 
 
 def _context_loss(model: nn.Module, encoder: CaptionEncoder, bos: int, sources: list[list[int]],
                   pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """``[bos] + encoder(source) + prompt + target``, the layout of Blip2LLM with the vectors in the
     place of the image queries; loss on the targets only."""
-    embed = model.get_input_embeddings()
-    source, source_mask = _pad(sources)
-    vectors = encoder(embed(source), source_mask == 0)
-    ids, mask = _pad([prompt + target for prompt, target in pairs])
-    labels = ids.masked_fill(mask == 0, -100)
-    for row, (prompt, _) in enumerate(pairs):
-        labels[row, : len(prompt)] = -100
-    k = vectors.shape[1]
-    inputs = torch.cat([embed(torch.full((len(pairs), 1), bos)), vectors, embed(ids)], 1)
-    attention = torch.cat([torch.ones(len(pairs), 1 + k, dtype=mask.dtype), mask], 1)
-    logits = model(inputs_embeds=inputs, attention_mask=attention).logits[:, k:-1]
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return _packed_losses(model, encoder, bos, [], [(sources, pairs)])[1]
 
 
 def _sample_pairs(rng: random.Random, images: list[ContextExample], restate_fraction: float
@@ -293,19 +349,21 @@ def warm_up(model: nn.Module, sequences: list[list[int]], examples: list[Context
     read the vectors at all), else one of its captions or answers (what stage 2 and VQA ask of the
     image queries). On top, ``spec.bilingual_examples`` images of ``bilingual`` per batch, targets
     drawn the same way: so the English half keeps its share, and the LLM learns to caption a context
-    in the language its prompt asks for."""
+    in the language its prompt asks for. All of a step's sequences go through one packed forward
+    (``_packed_losses``)."""
     rng = random.Random(spec.seed)
     encoder = CaptionEncoder(spec.hidden_size, spec.num_heads, spec.context_vectors)
     optimizer = torch.optim.AdamW([*model.parameters(), *encoder.parameters()], lr=spec.lr, weight_decay=0.0)
     n_context = round(spec.batch_size * spec.context_fraction)
     model.train()
     for step in range(spec.warmup_steps):
-        text_loss = _text_loss(model, rng.sample(sequences, spec.batch_size - n_context))
-        context_loss = torch.zeros(())
+        text = rng.sample(sequences, spec.batch_size - n_context)
+        halves = []
         for images in (rng.sample(examples, n_context), rng.sample(bilingual, spec.bilingual_examples)):
             if images:  # each half its own mean: the bilingual images do not dilute the English ones
-                pairs = _sample_pairs(rng, images, spec.restate_fraction)
-                context_loss = context_loss + _context_loss(model, encoder, bos, [ex.source for ex in images], pairs)
+                halves.append(([ex.source for ex in images], _sample_pairs(rng, images, spec.restate_fraction)))
+        text_loss, *context_losses = _packed_losses(model, encoder, bos, text, halves)
+        context_loss = sum(context_losses, torch.zeros(()))
         for group in optimizer.param_groups:  # cosine decay to 0
             group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.warmup_steps))
         optimizer.zero_grad()
