@@ -6,12 +6,24 @@ pytest_plugins = ["tests.fixtures.llm_checkpoints"]  # tiny LLM checkpoints in o
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import torch
 
 from lavis_lite.data.shapes import ShapesSpec, ensure_shapes
 
 SMALL = ShapesSpec(seed=0, train=20, val=6, test=6, image_size=64)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: extra threads only spin, and on a shared 2-core box slow training down. A test module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

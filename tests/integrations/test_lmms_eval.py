@@ -30,7 +30,9 @@ from lmms_eval.models import get_model  # noqa: E402
 from lavis_lite.config import load_config  # noqa: E402
 from lavis_lite.integrations.lmms_eval import LavisLite, resolve_model  # noqa: E402
 from lavis_lite.registry import MODELS  # noqa: E402
-from tests.models.test_blip2_llm import one_thread, unpadded  # noqa: E402,F401  (one_thread: autouse)
+from tests.models.test_blip2_llm import unpadded  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = ("opt", "internlm2")
 PROMPT = "Question: {} Short answer:"

@@ -1,22 +1,9 @@
 """Fixtures for the model tests: tiny BLIP-2 models and a bert-base-sized vocabulary on disk."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
-import torch
 
 from tests.models.tiny_blip2 import tiny_model
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: extra threads only spin, and on a shared 2-core box slow training down. A test module
-    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -20,9 +20,10 @@ from lavis_lite.models.llm import LLMBackbone
 from lavis_lite.models.llm.internlm2 import load_internlm2_tokenizer
 from lavis_lite.registry import LLMS
 from tests.fixtures.llm_checkpoints import CHAT_LLMS, INTERNLM2_CHAT_TOKENS, TINY_LLMS, LLMCheckpoint
-from tests.models.test_blip2_llm import (OVERFIT, GenerateSpy, build, make_optim, one_thread,  # noqa: F401
+from tests.models.test_blip2_llm import (OVERFIT, GenerateSpy, build, make_optim,  # noqa: F401
                                          solid_images, train_step)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # The text around a prompt, written out here (not taken from the backbones); the image queries go
 # between the two parts.
