@@ -6,9 +6,16 @@
     python bench/bench_train.py --size real --stages 2 --steps 1 --warmup 0 --batch-size 2   # CPU: 1 min, 8.2 GB
     python bench/bench_train.py --size real --json bench/results/train_real_h100.json             # GPU
     python bench/bench_train.py --stages 2 --cache-image-features   # frozen encoder output from the cache
+    python bench/bench_train.py --size real --stages 1 --batch-size 8 --cache-image-features --vit-depth 1 \
+        --warmup 1 --text-padding max_length longest   # the Q-Former step on given image features (CPU)
+    # the lavis_lite half of a side-by-side with LAVIS: the stage-1 step on the same image embeddings
+    # (ViT output before ln_vision, [B, 257, 1408], safetensors key "image_embeds") and captions (JSON list)
+    python bench/bench_train.py --size real --stages 1 --vit-depth 1 --image-embeds embeds.safetensors \
+        --captions captions.json --text-padding max_length longest --threads 1
 
 Per configuration: samples/s over ``--steps`` timed steps after ``--warmup`` steps (forward,
-backward, AdamW step), the optimizer step's share, peak memory over the steps (CUDA: max allocated
+backward, AdamW step), the step's process CPU time (with ``--threads 1`` on a shared machine: the
+step's time without the waits for a busy core), the optimizer step's share, peak memory over the steps (CUDA: max allocated
 by torch; CPU: peak RSS, reset after the model is built), trainable parameters, and for stage 2 the
 frozen LLM's parameters that hold a gradient, AdamW state or a place in the optimizer's groups, and
 the bytes of their gradients and state (both must be 0).
@@ -118,6 +125,8 @@ def build(stage: int, size: str, args: argparse.Namespace, workdir: Path) -> nn.
     Blip2Base.vit_loaded = True
     shapes = ensure_shapes()
     vit = {} if args.vit_precision is None else {"vit_precision": args.vit_precision}
+    if args.vit_depth is not None:
+        vit["vit_depth"] = args.vit_depth
     if stage == 1:
         if size == "tiny":
             return create_model("blip2", "tiny", tokenizer_path=str(shapes / "bert_vocab"), freeze_vit=False,
@@ -168,10 +177,38 @@ def use_text_padding(model: nn.Module, padding: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- measuring
-def captions(n: int) -> list[str]:
-    """The first ``n`` shapes training captions (cycled): real caption lengths."""
+def captions(n: int, join: int = 1) -> list[str]:
+    """The first ``n`` shapes training captions (cycled): real caption lengths. ``join`` > 1: each text
+    joins that many captions (4: 40+ tokens, so every text fills ``max_txt_len`` and none is padded)."""
     records = json.loads((ensure_shapes() / "annotations" / "caption_train.json").read_text())
-    return [records[i % len(records)]["caption"] for i in range(n)]
+    texts = [records[i % len(records)]["caption"] for i in range(n * join)]
+    return [" ".join(texts[i::n]) for i in range(n)]
+
+
+def given_inputs(args: argparse.Namespace) -> tuple[list[str] | None, torch.Tensor | None]:
+    """``--captions`` (a JSON list of strings, or of records with "caption") and ``--image-embeds`` (a
+    safetensors file whose "image_embeds" is the image encoder's output [B, N, C], before ``ln_vision``)."""
+    texts = embeds = None
+    if args.captions is not None:
+        if not args.captions.is_file():
+            raise SystemExit(f"--captions {args.captions}: no such file")
+        items = json.loads(args.captions.read_text())
+        texts = [item["caption"] if isinstance(item, dict) else item for item in items]
+    if args.image_embeds is not None:
+        if not args.image_embeds.is_file():
+            raise SystemExit(f"--image-embeds {args.image_embeds}: no such file")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(args.image_embeds))
+        if "image_embeds" not in tensors:
+            raise SystemExit(f"--image-embeds {args.image_embeds}: no tensor 'image_embeds' (has {sorted(tensors)})")
+        embeds = tensors["image_embeds"].float()
+    sizes = {len(x) for x in (texts, embeds) if x is not None}
+    if len(sizes) > 1:
+        raise SystemExit(f"--captions has {len(texts)} texts but --image-embeds {len(embeds)} images: give as many")
+    if sizes:
+        args.batch_size = sizes.pop()
+    return texts, embeds
 
 
 def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse.Namespace,
@@ -179,6 +216,12 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
     release_memory(device)
     model.to(device).train()
     padding = use_text_padding(model, padding)
+    texts, embeds = given_inputs(args)
+    if embeds is not None:  # the encoder's output as given, every step (this instance only)
+        if stage != 1 or any(p.requires_grad for p in model.visual_encoder.parameters()):
+            raise SystemExit("--image-embeds: stage 1 with a frozen image encoder (--size real) only")
+        embeds = embeds.to(device)
+        model.image_features = lambda image: embeds
     if args.cache_image_features:  # every step after the first reuses the first step's encoder output
         if any(p.requires_grad for p in model.visual_encoder.parameters()):
             raise SystemExit(f"--cache-image-features needs a frozen image encoder; stage {stage} at this size trains it")
@@ -186,17 +229,18 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
     optimizer = make_optimizer(model, adamw, device)
     size = model.cfg.img_size
     batch = {"image": torch.randn(args.batch_size, 3, size, size, device=device),
-             "text_input": captions(args.batch_size), "image_id": list(range(args.batch_size))}
+             "text_input": texts or captions(args.batch_size, args.join_captions),
+             "image_id": list(range(args.batch_size))}
     amp = (torch.autocast(device.type, dtype=DTYPES[args.amp]) if args.amp != "none"
            else contextlib.nullcontext())
     sync(device)
     weights_mb = current_memory_mb(device)
     reset_peak(device)
-    flops, optimizer_s, start = None, 0.0, time.perf_counter()
+    flops, optimizer_s, start, start_cpu = None, 0.0, time.perf_counter(), time.process_time()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync(device)
-            optimizer_s, start = 0.0, time.perf_counter()
+            optimizer_s, start, start_cpu = 0.0, time.perf_counter(), time.process_time()
         counter = FlopCounterMode(display=False) if step == 0 else contextlib.nullcontext()
         with counter:
             with amp:
@@ -210,13 +254,14 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
         optimizer.step()
         sync(device)
         optimizer_s += time.perf_counter() - t
-    elapsed = time.perf_counter() - start
+    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     peak_mb, peak_scope = peak_memory_mb(device)
     step_s = elapsed / args.steps
     result = {
         "stage": stage, "adamw": adamw, "text_padding": padding, "batch_size": args.batch_size,
-        "image_features": "cached" if args.cache_image_features else "encoded",
+        "image_features": "given" if embeds is not None else "cached" if args.cache_image_features else "encoded",
         "image_size": size, "loss": loss.detach().item(), "samples_per_s": args.batch_size / step_s, "step_s": step_s,
+        "step_cpu_s": elapsed_cpu / args.steps,
         "optimizer_step_s": optimizer_s / args.steps, "memory_before_steps_mb": weights_mb,
         "peak_memory_mb": peak_mb, "peak_memory_scope": peak_scope,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -248,7 +293,7 @@ def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse
 
 
 COLUMNS = [("stage", "stage"), ("adamw", "AdamW"), ("text_padding", "text padding"), ("image_features", "image features"),
-           ("samples_per_s", "samples/s"), ("step_s", "step s"), ("optimizer_step_s", "optimizer s"),
+           ("samples_per_s", "samples/s"), ("step_s", "step s"), ("step_cpu_s", "step CPU s"), ("optimizer_step_s", "optimizer s"),
            ("peak_memory_mb", "peak MB"), ("trainable_params", "trainable"), ("llm_params", "LLM params"),
            ("llm_params_with_grad_or_optimizer_state", "LLM params w/ grad or state"),
            ("llm_grad_and_optimizer_bytes", "LLM grad+state bytes"), ("gflops_per_sample", "GFLOP/sample"),
@@ -268,6 +313,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="stage-1 text padding to compare (stage 2 always pads to the longest)")
     parser.add_argument("--vit-precision", choices=["fp32", "fp16", "bf16"], default=None,
                         help="real size; default: the config's fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--vit-depth", type=int, default=None,
+                        help="real size: the image encoder's first N blocks only (with --cache-image-features the "
+                             "timed steps never run it: the step on given image features, without building and "
+                             "encoding the whole ViT-g first)")
+    parser.add_argument("--join-captions", type=int, default=1,
+                        help="each text joins this many shapes captions (4: every stage-1 text is max_txt_len "
+                             "tokens long, none padded)")
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="stage 1: the batch's texts from this JSON file (sets the batch size)")
+    parser.add_argument("--image-embeds", type=Path, default=None,
+                        help="stage 1, real size: the image encoder's output from this safetensors file (key "
+                             "image_embeds, [B, N, C] before ln_vision) instead of encoding random images")
     parser.add_argument("--llm-dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 (small, real), the config's float32 (tiny)")
     parser.add_argument("--amp", choices=["none", "bfloat16", "float16"], default=None,

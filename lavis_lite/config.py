@@ -61,7 +61,7 @@ class RunConfig:
     max_grad_norm: Optional[float] = None
     # steps whose loss or gradients are inf/nan that may be skipped (each logged) before the run stops
     max_nonfinite_steps: int = 0
-    amp: bool = False  # autocast on GPU (a warning on CPU, where it does nothing)
+    amp: bool = False  # autocast on GPU; on CPU bf16 where it has bf16 matmuls (else a warning: float32)
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds a GradScaler
     fused_adamw: bool = True  # fused AdamW kernels (CUDA and CPU)
     # ddp: whole model per process; fsdp: weights sharded per LLM / image-encoder block (lavis_lite/runner/strategy.py)

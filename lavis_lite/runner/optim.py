@@ -3,13 +3,17 @@ AMP, gradient accumulation and clipping."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any
 import torch
 from torch import nn
 
 from lavis_lite import dist
+from lavis_lite.config import ConfigError
 from lavis_lite.registry import LR_SCHEDULERS
+
+logger = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -28,6 +32,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def cpu_has_bf16_matmuls() -> bool:
+    """AVX512-BF16 or AMX: processors that multiply bf16 natively. Elsewhere (e.g. AVX2) oneDNN emulates
+    bf16 products, several times slower than float32 ones (bench/RESULTS.md)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def amp_dtype(amp: bool, dtype_name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``run.amp`` / ``run.amp_dtype`` mean on ``device``; None: train in float32.
+    CUDA: ``run.amp_dtype``. CPU: bfloat16 where the processor has bf16 matmuls, else float32 with a
+    warning (emulated bf16 would be slower, not faster)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return getattr(torch, dtype_name)
+    if device.type == "cpu" and cpu_has_bf16_matmuls():
+        if dtype_name != "bfloat16":
+            raise ConfigError(f"run.amp_dtype={dtype_name} on CPU: CPU autocast trains in bfloat16 here; "
+                              "set run.amp_dtype=bfloat16")
+        return torch.bfloat16
+    logger.warning("run.amp=true has no effect on %s: this processor has no native bf16 matmuls (AVX512-BF16 "
+                   "or AMX), where autocast would be slower than float32, so this run trains in float32",
+                   device.type)
+    return None
 
 
 def build_adamw(model: nn.Module, weight_decay: float, beta2: float, fused: bool, device: torch.device) -> torch.optim.AdamW:

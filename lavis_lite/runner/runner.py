@@ -26,7 +26,7 @@ from lavis_lite.logging import setup_logging
 from lavis_lite.registry import DATASETS, LR_SCHEDULERS, MODELS, RUNNERS, STRATEGIES, TASKS
 from lavis_lite.runner import checkpoint
 from lavis_lite.runner.hooks import CaptionSamplesHook, Hook, JsonLogHook, append_jsonl
-from lavis_lite.runner.optim import OptimWrapper, build_adamw
+from lavis_lite.runner.optim import OptimWrapper, amp_dtype, build_adamw
 from lavis_lite.runner.strategy import DDPStrategy, Strategy
 from lavis_lite.tasks.base import BaseTask
 
@@ -334,9 +334,7 @@ class Runner:
             logger.warning("run.overwrite=true: the previous run's files in %s were moved to %s",
                            run_cfg.output_dir, moved)
         logger.info("world_size=%d, device %s", dist.get_world_size(), device)
-        if run_cfg.amp and device.type != "cuda" and not run_cfg.evaluate:
-            logger.warning("run.amp=true has no effect on %s: autocast is used on CUDA only, so this run trains "
-                           "in float32", device.type)
+        amp = None if run_cfg.evaluate else amp_dtype(run_cfg.amp, run_cfg.amp_dtype, device)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         logger.info("resolved config:\n%s", config_yaml)
         if dist.is_main_process():
@@ -352,9 +350,7 @@ class Runner:
             model.freeze(run_cfg.freeze)
 
         train_loader = optim = None
-        amp_dtype = getattr(torch, run_cfg.amp_dtype) if run_cfg.amp and device.type == "cuda" else None
-        strategy = Strategy(model, device) if run_cfg.evaluate else STRATEGIES.get(run_cfg.strategy)(model, device,
-                                                                                                      amp_dtype)
+        strategy = Strategy(model, device) if run_cfg.evaluate else STRATEGIES.get(run_cfg.strategy)(model, device, amp)
         if not run_cfg.evaluate:
             train_loader = build_train_loader(datasets, run_cfg)
             if len(train_loader) == 0:
@@ -370,7 +366,7 @@ class Runner:
             )
             optim = OptimWrapper(
                 build_adamw(model, run_cfg.weight_decay, run_cfg.beta2, run_cfg.fused_adamw, device), schedule,
-                run_cfg.accum_grad_iters, run_cfg.max_grad_norm, amp_dtype, device.type,
+                run_cfg.accum_grad_iters, run_cfg.max_grad_norm, amp, device.type,
             )
         eval_loaders = build_eval_loaders(datasets, eval_splits, run_cfg)
         hooks: list[Hook] = [JsonLogHook(run_cfg.output_dir, run_cfg.log_freq)]

@@ -1,9 +1,12 @@
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
+from lavis_lite.config import ConfigError
+from lavis_lite.runner import optim
 from lavis_lite.runner.optim import LinearWarmupCosineLR, LinearWarmupStepLR, OptimWrapper, param_groups
 
 
@@ -62,3 +65,50 @@ def test_clipping_bounds_the_update():
     stats = wrapper.step(0)
     assert stats["grad_norm"] == pytest.approx(200.0)  # |(100,100,100,100)|
     assert lin.weight.norm().item() == pytest.approx(0.5, rel=1e-5)  # SGD moved by the clipped gradient
+
+
+# ------------------------------------------------------------------------------ run.amp on CPU
+def cpuinfo_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the processor's flags from /proc/cpuinfo")
+def test_cpu_bf16_detection_agrees_with_the_processor_flags():
+    flags = cpuinfo_flags()
+    assert optim.cpu_has_bf16_matmuls() == bool({"avx512_bf16", "amx_tile"} & flags)
+
+
+def test_amp_on_a_cpu_with_bf16_matmuls_trains_under_bf16_autocast_with_float32_weights(monkeypatch):
+    monkeypatch.setattr(optim, "cpu_has_bf16_matmuls", lambda: True)
+    dtype = optim.amp_dtype(True, "bfloat16", torch.device("cpu"))
+    assert dtype is torch.bfloat16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
+    wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2), lambda step: 1e-2, amp_dtype=dtype)
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    with wrapper.autocast():
+        loss = model(torch.randn(4, 8)).float().pow(2).mean()
+    wrapper.backward(loss)
+    assert seen == [torch.bfloat16]  # the product ran in bf16
+    assert all(p.dtype is torch.float32 and p.grad.dtype is torch.float32 for p in model.parameters())
+    wrapper.step(0)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_amp_on_a_cpu_without_bf16_matmuls_trains_in_float32_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(optim, "cpu_has_bf16_matmuls", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert optim.amp_dtype(True, "bfloat16", torch.device("cpu")) is None
+    assert "run.amp=true has no effect on cpu" in caplog.text and "float32" in caplog.text
+    assert optim.amp_dtype(False, "bfloat16", torch.device("cpu")) is None
+
+
+def test_amp_dtype_per_device(monkeypatch):
+    monkeypatch.setattr(optim, "cpu_has_bf16_matmuls", lambda: True)
+    with pytest.raises(ConfigError, match="run.amp_dtype=float16 on CPU"):
+        optim.amp_dtype(True, "float16", torch.device("cpu"))
+    assert optim.amp_dtype(True, "float16", torch.device("cuda")) is torch.float16  # no GPU needed to decide
+    assert optim.amp_dtype(True, "bfloat16", torch.device("cuda")) is torch.bfloat16
