@@ -6,7 +6,8 @@
 which loads with no remote code::
 
     model = Blip2ForConditionalGeneration.from_pretrained(DIR)
-    processor = Blip2Processor.from_pretrained(DIR, backend="pil")  # "pil": our pixels exactly
+    processor = Blip2Processor.from_pretrained(DIR, backend="pil")  # our pixels exactly: "pil" blip_image_eval's
+    # backend: pil, "torchvision" (transformers' default) its backend: tensor (our default)
     inputs = processor(images=image, text=prompt, return_tensors="pt")  # text="" for a plain caption
     ids = model.generate(**inputs, generation_config=model.generation_config)  # else the LM's own defaults
     answer = processor.batch_decode(ids[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)

@@ -50,8 +50,9 @@ def images() -> list[Image.Image]:
             Image.fromarray(noise.numpy())]
 
 
-def pixels(pil: list[Image.Image]) -> torch.Tensor:
-    return torch.stack([BlipImageEvalProcessor(BlipImageEvalConfig(image_size=64))(image) for image in pil])
+def pixels(pil: list[Image.Image], backend: str = "tensor") -> torch.Tensor:
+    proc = BlipImageEvalProcessor(BlipImageEvalConfig(image_size=64, backend=backend))
+    return torch.stack([proc(image) for image in pil])
 
 
 def build(name: str, path: Path, **overrides: Any) -> Blip2LLM:
@@ -120,7 +121,9 @@ def expected_ids(e: Exported, prompt: str) -> list[int]:
 def test_processor_gives_our_pixels_and_layout(exported):
     e = exported
     inputs = e.processor(images=images(), text=[PROMPT] * 3, return_tensors="pt")
-    assert torch.equal(inputs.pixel_values, pixels(images()))
+    assert torch.equal(inputs.pixel_values, pixels(images(), "pil"))
+    torchvision = transformers.Blip2Processor.from_pretrained(e.out, backend="torchvision")
+    assert torch.equal(torchvision(images=images(), return_tensors="pt").pixel_values, pixels(images(), "tensor"))
     for prompt in PROMPTS:
         ids = e.processor(images=images()[2], text=prompt).input_ids[0]
         assert ids == expected_ids(e, prompt), prompt

@@ -62,6 +62,14 @@ def load_image(path: Path | IO[bytes], draft: Callable[[Image.Image], Any] | Non
         return image.convert("RGB")  # forces the decode, so a truncated file fails here
 
 
+def process_image(file: Path | IO[bytes], processor: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """``file`` through ``processor``: its ``load(file)`` when it has one (the image processors: they
+    choose the crop before decoding, see processors.py), else ``processor(load_image(file))``."""
+    if hasattr(processor, "load"):
+        return processor.load(file)
+    return processor(load_image(file, getattr(processor, "draft", None)))
+
+
 def load_annotations(paths: Sequence[str | Path], required: dict[str, type | tuple[type, ...]],
                      what: str) -> list[dict[str, Any]]:
     """Concatenate the json lists in ``paths``, checking each record has the ``required`` keys and
@@ -147,11 +155,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotation)
 
-    def _try_load(self, record: dict[str, Any]) -> Image.Image | None:
-        """The image, or None (logged and counted) when it is unreadable and skipping is on."""
+    def _try_load(self, record: dict[str, Any]) -> torch.Tensor | None:
+        """The processed image, or None (logged and counted) when it is unreadable and skipping is on."""
         path = self.image_root / record["image"]
         try:
-            return load_image(path, getattr(self.vis_processor, "draft", None))
+            return process_image(path, self.vis_processor)
         except _IMAGE_ERRORS as err:
             skip_or_raise(self, f"cannot read image {path}", err)
             return None
@@ -165,13 +173,13 @@ class ImageDataset(Dataset):
             if image is None:
                 size = self._image_size or 224
                 return record, self.vis_processor(Image.new("RGB", (size, size))), 1
-            return record, self.vis_processor(image), 0
+            return record, image, 0
         tries = min(len(self), _MAX_CONSECUTIVE_BAD)
         for bad in range(tries):
             record = self.annotation[(index + bad) % len(self)]
             image = self._try_load(record)
             if image is not None:
-                return record, self.vis_processor(image), bad
+                return record, image, bad
         raise BadImageError(
             f"{self.name}: {tries} image(s) in a row from index {index} are unreadable (e.g. "
             f"{self.image_root / record['image']}); check datasets.{self.name}.build_info.storage and .images"

@@ -44,7 +44,7 @@ from lavis_lite.data.datasets import (
     _MAX_CONSECUTIVE_BAD,
     BadImageError,
     CaptionDataset,
-    load_image,
+    process_image,
     skip_or_raise,
 )
 
@@ -236,9 +236,9 @@ class ImageTextShards(IterableDataset):
                 caption = meta["caption"]
             else:
                 raise ValueError("no caption (neither a .txt member nor a .json with a string \"caption\")")
-            image = load_image(io.BytesIO(sample[ext]), getattr(self.vis_processor, "draft", None))
+            image = process_image(io.BytesIO(sample[ext]), self.vis_processor)
         except (*_IMAGE_ERRORS, UnicodeDecodeError) as err:
             skip_or_raise(self, f"bad sample, {where}", err)
             return None
         image_id = meta.get("image_id", sample["__key__"]) if isinstance(meta, dict) else sample["__key__"]
-        return {"image": self.vis_processor(image), "text_input": self.text_processor(caption), "image_id": image_id}
+        return {"image": image, "text_input": self.text_processor(caption), "image_id": image_id}

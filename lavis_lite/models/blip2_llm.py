@@ -141,7 +141,7 @@ class Blip2LLM(Blip2Base):
         embed = self.llm_model.get_input_embeddings()
         bos = [] if self.bos_id is None else [self.bos_id]
         first, after_queries = (bos, []) if self.backbone.bos_before_queries else ([], bos)
-        rows, labels = [], []
+        seqs, n_befores, labels = [], [], []
         for i, prompt in enumerate(prompts):
             head, tail = self.backbone.encode_prompt(self.tokenizer, prompt)
             before, prompt_ids = first + head, after_queries + tail
@@ -149,19 +149,21 @@ class Blip2LLM(Blip2Base):
             room = max(self.cfg.max_txt_len - len(head) - len(prompt_ids), 1)
             if truncate and len(answer_ids) > room:  # keep the stop token: the model must still learn to end
                 answer_ids = answer_ids[: room - 1] + [self.stop_id]
-            ids = torch.tensor(before + prompt_ids + answer_ids, dtype=torch.long, device=queries.device)
-            tokens = embed(ids)
+            seqs.append(before + prompt_ids + answer_ids)
             n_before = len(before)
-            rows.append(torch.cat([tokens[:n_before], queries[i], tokens[n_before:]]))
+            n_befores.append(n_before)
             prompt_labels = [-100] * len(prompt_ids)
             if answers is not None and after_queries and prompt_ids == after_queries:  # LAVIS OPT, no prompt
                 prompt_labels = after_queries
             labels.append([-100] * (n_before + queries.shape[1]) + prompt_labels + answer_ids)
-        return self._pad(rows, labels, padding_side)
+        # one embedding call for the batch and the pad token (under FSDP: one gather of the embedding)
+        flat = [t for seq in seqs for t in seq] + [self.pad_id]
+        pieces = embed(torch.tensor(flat, dtype=torch.long, device=queries.device)).split([len(s) for s in seqs] + [1])
+        rows = [torch.cat([tokens[:n], queries[i], tokens[n:]]) for i, (tokens, n) in enumerate(zip(pieces, n_befores))]
+        return self._pad(rows, labels, padding_side, pad_embed=pieces[-1])
 
-    def _pad(self, rows: list[torch.Tensor], labels: list[list[int]], side: str):
+    def _pad(self, rows: list[torch.Tensor], labels: list[list[int]], side: str, pad_embed: torch.Tensor):
         length = max(len(r) for r in rows)
-        pad_embed = self.llm_model.get_input_embeddings()(torch.tensor([self.pad_id], device=rows[0].device))
         inputs, masks, targets = [], [], []
         for row, label in zip(rows, labels):
             n = length - len(row)

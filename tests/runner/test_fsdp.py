@@ -2,7 +2,8 @@
 a 2-layer InternLM2 in its official format) trains to the same weights as one process on the combined
 batch, with gradient accumulation and clipping, and with activation checkpointing in the sharded blocks;
 checkpoints move between FSDP and DDP both ways; the gathered weights generate as the unsharded model
-does; stage 1 (its scalar temperature kept whole) trains under FSDP as under DDP."""
+does; stage 1 (its scalar temperature kept whole) trains under FSDP as under DDP; so does stage 2 with a
+tiny OPT, whose lm_head is tied to its input embedding (both then stay in the last unit)."""
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,11 @@ def _two_processes(tmp_path, llm_path: str) -> None:
     rank = dist.get_rank()
     out = {}
     fsdp = make_runner(tmp_path / "fsdp", llm_path, "fsdp", batch_size=4, max_epoch=2)
-    assert isinstance(fsdp.strategy, FSDPStrategy) and len(fsdp.strategy.units) == 2 + 2 + 1  # LLM, ViT blocks, rest
-    assert type(fsdp.model.llm_model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
+    # LLM blocks, ViT blocks, the LLM's input embedding and lm_head, the rest
+    assert isinstance(fsdp.strategy, FSDPStrategy) and len(fsdp.strategy.units) == 2 + 2 + 2 + 1
+    llm = fsdp.model.llm_model
+    assert llm.get_input_embeddings() in fsdp.strategy.units and llm.get_output_embeddings() in fsdp.strategy.units
+    assert type(llm.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
     out["fsdp"] = trained(fsdp)
     images = Captions().collater([Captions()[i] for i in range(3 + rank)])  # the ranks generate different lengths
     with fsdp.strategy.full_weights():
@@ -154,8 +158,31 @@ def test_fsdp_trains_as_one_process_and_checkpoints_move_between_strategies(tmp_
             assert got == single.model.generate(images, num_beams=2, max_new_tokens=4 + 3 * rank)
 
 
-def _spawned(rank: int, world_size: int, port: int, tmp_path: str, llm_path: str) -> None:
+def _spawned(rank: int, world_size: int, port: int, tmp_path: str, llm_path: str, case: str = "main") -> None:
     from pathlib import Path
 
     torch.set_num_threads(1)
-    run_in_process_group(rank, world_size, port, _two_processes, (Path(tmp_path), llm_path))
+    body = _tied_two_processes if case == "tied" else _two_processes
+    run_in_process_group(rank, world_size, port, body, (Path(tmp_path), llm_path))
+
+
+def _tied_two_processes(tmp_path, llm_path: str) -> None:
+    opt = dict(llm="opt", llm_dtype="float32")
+    fsdp = make_runner(tmp_path / "fsdp", llm_path, "fsdp", batch_size=4, max_epoch=1, model_overrides=opt)
+    llm = fsdp.model.llm_model
+    assert len(fsdp.strategy.units) == 2 + 2 + 1  # LLM blocks, ViT blocks, the rest (both embeddings in it)
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight  # still tied
+    assert type(llm.get_input_embeddings().weight).__name__ == "DTensor"
+    out = {"fsdp": trained(fsdp)}
+    out["ddp"] = trained(make_runner(tmp_path / "ddp", llm_path, "ddp", batch_size=4, max_epoch=1, model_overrides=opt))
+    torch.save(out, tmp_path / f"rank{dist.get_rank()}.pt")
+
+
+def test_fsdp_with_tied_llm_embeddings_trains_as_ddp(tmp_path, tiny_opt_dir):
+    mp.spawn(_spawned, args=(2, free_port(), str(tmp_path), str(tiny_opt_dir), "tied"), nprocs=2)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert set(out["fsdp"]) == set(out["ddp"])
+        for key, value in out["ddp"].items():
+            if not key.endswith(NOISE_ONLY):
+                torch.testing.assert_close(out["fsdp"][key], value, **TOLERANCE, msg=f"tied OPT: {key}")
