@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="peak dense TFLOP/s of the device for MFU (default 989: H100 SXM bf16, CUDA only)")
     add_run_args(parser)
     args = parser.parse_args(argv)
+    given_inputs(args)  # a missing or mismatched --captions / --image-embeds fails before any model is built
     device = setup_run(args)
     args.batch_size = args.batch_size or DEFAULT_BATCH[args.size]
     if args.amp is None:
