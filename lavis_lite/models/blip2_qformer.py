@@ -21,7 +21,8 @@ How we differ from LAVIS:
 - the tokenizer and BERT weights come from local directories (``tokenizer_path``, ``bert_init_path``);
 - the training step does less work for the same losses and gradients: each image's cross-attention
   keys/values are projected once (``ln_vision`` folded in) for the image pass and all ITM pairs
-  (``itm_images``), padding positions are never computed (``qformer.TokenLayout``) and the LM head runs
+  (``itm_images``; the pairs attend grouped by image, ``qformer.ImageGroups``, so only the b negative
+  pairs copy keys/values), padding positions are never computed (``qformer.TokenLayout``) and the LM head runs
   only where a position predicts a label (LAVIS projects the image per pass and pair, and runs padding
   through every layer and the LM head).
 """

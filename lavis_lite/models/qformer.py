@@ -28,7 +28,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -164,10 +164,9 @@ class ImageKeyValues(NamedTuple):
     which image each row of a batch attends to.
 
     ``layers``: per Q-Former layer (key, value) [n, heads, N, H / heads], None where the layer has no
-    cross-attention. ``index``: [B] image of each batch row (None: row i is image i); each layer gathers
-    its own keys/values by it, so gradients of every pair sum into the one projection of an image, and
-    activation checkpointing recomputes the gathered copies rather than keeping them. ``mask``: [n, N]
-    (1: real image token) or None.
+    cross-attention. ``index``: [B] image of each batch row (None: row i is image i); the rows' queries
+    are grouped by image for cross-attention (``ImageGroups``), so every pair attends to the one
+    projection of its image and its gradient sums there. ``mask``: [n, N] (1: real image token) or None.
     """
 
     layers: tuple[Optional[tuple[torch.Tensor, torch.Tensor]], ...]
@@ -195,6 +194,49 @@ class ImageKeyValues(NamedTuple):
         layers = tuple(None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
                        for a, b in zip(self.layers, other.layers))
         return ImageKeyValues(layers, None, None if self.mask is None else torch.cat([self.mask, other.mask]))
+
+
+class ImageGroups(NamedTuple):
+    """Batch rows grouped by the image they attend to, for cross-attention without a copy of an image's
+    keys/values per row. When every image has at least ``per_image`` rows, the first ``per_image`` rows
+    of each image (``grouped``, image-major) attend to the n images' own keys/values as one sequence of
+    ``per_image * Q`` queries per image (a query's attention does not depend on the other queries); only
+    the remaining rows (``rest``, showing images ``rest_image``) gather keys/values. ITM's 3b pairs
+    (image i twice, then a hard negative) thus gather for b rows, not 3b."""
+
+    grouped: torch.Tensor  # [n * per_image] row numbers
+    rest: torch.Tensor  # [B - n * per_image] row numbers
+    rest_image: torch.Tensor  # [B - n * per_image]
+    order: torch.Tensor  # [B]: row r's position in cat(grouped, rest)
+    num_images: int
+    per_image: int
+
+    @classmethod
+    def of(cls, index: torch.Tensor, num_images: int) -> Optional["ImageGroups"]:
+        """``index`` [B]: the image of each row. None when some image has no row (gather for all)."""
+        counts = torch.bincount(index, minlength=num_images)
+        per_image = int(counts.min())
+        if per_image == 0:
+            return None
+        by_image = torch.argsort(index, stable=True)
+        image = index[by_image]
+        first = torch.cumsum(counts, 0) - counts  # each image's first position in ``by_image``
+        take = torch.arange(index.shape[0], device=index.device) - first[image] < per_image
+        grouped, rest = by_image[take], by_image[~take]
+        order = torch.argsort(torch.cat([grouped, rest]))
+        return cls(grouped, rest, index[rest], order, num_images, per_image)
+
+    def attend(self, attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``attend(query [b, L, H], key, value, mask) -> [b, L, H]`` for query [B, Q, H] with the
+        images' key/value [n, heads, N, d] and mask [n, 1, 1, N] or None -> [B, Q, H]."""
+        q, width = query.shape[1:]
+        out = [attend(query[self.grouped].view(self.num_images, self.per_image * q, width), key, value, mask)
+               .view(-1, q, width)]
+        if self.rest.numel():
+            image = self.rest_image
+            out.append(attend(query[self.rest], key[image], value[image], None if mask is None else mask[image]))
+        return torch.cat(out).index_select(0, self.order)
 
 
 class MultiHeadAttention(nn.Module):
@@ -247,9 +289,13 @@ class MultiHeadAttention(nn.Module):
         return layout.unpad(self._attend(query, key, value, mask)), (key, value)
 
     def cross(self, queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Cross-attention: queries [B, Q, H] to (key, value) [B, heads, N, H / heads] -> [B, Q, H]."""
-        return self._attend(self._heads(self.query(queries)), key, value, mask)
+              mask: Optional[torch.Tensor] = None, groups: Optional[ImageGroups] = None) -> torch.Tensor:
+        """Cross-attention: queries [B, Q, H] to (key, value) [B, heads, N, H / heads] -> [B, Q, H]; with
+        ``groups``, key/value/mask are the n images' own and the rows attend grouped by image."""
+        query = self.query(queries)
+        if groups is None:
+            return self._attend(self._heads(query), key, value, mask)
+        return groups.attend(lambda q, k, v, m: self._attend(self._heads(q), k, v, m), query, key, value, mask)
 
 
 class ResidualOutput(nn.Module):
@@ -276,9 +322,9 @@ class Attention(nn.Module):
         out, present = self.self(hidden, layout, mask, past_kv)
         return self.output(out, hidden), present
 
-    def cross(self, queries, key, value, mask=None):
+    def cross(self, queries, key, value, mask=None, groups=None):
         """Cross-attention block: queries [B, Q, H] to projected image keys/values."""
-        return self.output(self.self.cross(queries, key, value, mask), queries)
+        return self.output(self.self.cross(queries, key, value, mask, groups), queries)
 
 
 class Intermediate(nn.Module):
@@ -313,13 +359,14 @@ class Layer(nn.Module):
         layout: TokenLayout,
         self_mask: Optional[torch.Tensor],
         image_kv: Optional[tuple[torch.Tensor, torch.Tensor]],
-        image_index: Optional[torch.Tensor],
+        image_rows: Optional[torch.Tensor | ImageGroups],
         image_mask: Optional[torch.Tensor],
         past_kv: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """hidden [R, H]: the rows of ``layout`` (queries first) -> ([R, H], self-attention (key, value)).
-        ``image_kv``: this layer's (key, value) [n, heads, N, H / heads] of the images, ``image_index`` [B]
-        the image of each batch row (None: row i is image i), ``image_mask`` [B, 1, 1, N] or None."""
+        ``image_kv``: this layer's (key, value) [n, heads, N, H / heads] of the images; ``image_rows``: the
+        image of each batch row, as the rows grouped by image (``ImageGroups``) or an index [B] to gather
+        keys/values by (None: row i is image i); ``image_mask`` [n or B, 1, 1, N] (as keys/values) or None."""
         attended, present = self.attention(hidden, layout, self_mask, past_kv)
         num_queries = layout.num_query_rows
         if num_queries == 0:
@@ -328,9 +375,12 @@ class Layer(nn.Module):
         if self.crossattention is not None:
             if image_kv is None:
                 raise ValueError("query positions need image features (encoder_hidden_states) for cross-attention")
-            key, value = image_kv if image_index is None else (image_kv[0][image_index], image_kv[1][image_index])
+            key, value = image_kv
+            groups = image_rows if isinstance(image_rows, ImageGroups) else None
+            if image_rows is not None and groups is None:
+                key, value = key[image_rows], value[image_rows]
             queries = queries.view(layout.batch, layout.query_length, -1)
-            queries = self.crossattention.cross(queries, key, value, image_mask).flatten(0, 1)
+            queries = self.crossattention.cross(queries, key, value, image_mask, groups).flatten(0, 1)
         out = self.output_query(self.intermediate_query(queries), queries)
         if attended.shape[0] > num_queries:
             text = attended[num_queries:]
@@ -433,15 +483,18 @@ class BertModel(nn.Module):
                              f"({batch}, {past_len + length}) = (batch, cached + queries + text)")
         prefix_len = cfg.num_query_token if past_len else query_length
         self_mask = self_attention_mask(attention_mask, length, prefix_len, causal=is_decoder)
-        image_index = image_mask = None
+        image_rows = image_mask = None
         if image_key_values is not None and query_length:
             if image_key_values.batch_size != batch:
                 raise ValueError(f"image keys/values for {image_key_values.batch_size} rows but {batch} rows of "
                                  "queries; select one image per row (ImageKeyValues.select)")
-            image_index = image_key_values.index
+            if image_key_values.index is not None:  # rows grouped by image (an index to gather by if one has none)
+                image_rows = (ImageGroups.of(image_key_values.index, image_key_values.num_images)
+                              or image_key_values.index)
             if image_key_values.mask is not None:
                 image_mask = image_key_values.mask.bool()
-                image_mask = (image_mask if image_index is None else image_mask[image_index])[:, None, None, :]
+                gathered = image_rows is not None and not isinstance(image_rows, ImageGroups)
+                image_mask = (image_mask[image_rows] if gathered else image_mask)[:, None, None, :]
         layout = TokenLayout.of(attention_mask[:, past_len + query_length:], batch, query_length,
                                 length - query_length, hidden.device)
 
@@ -450,7 +503,7 @@ class BertModel(nn.Module):
         for i, layer in enumerate(self.encoder.layer):
             past_kv = past_key_values[i] if past_key_values is not None else None
             image_kv = image_key_values.layers[i] if image_key_values is not None and query_length else None
-            hidden, present = layer(hidden, layout, self_mask, image_kv, image_index, image_mask, past_kv)
+            hidden, present = layer(hidden, layout, self_mask, image_kv, image_rows, image_mask, past_kv)
             presents.append(present)
         return QFormerOutput(layout.pad(hidden), tuple(presents) if use_cache else None)
 

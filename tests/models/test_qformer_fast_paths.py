@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lavis_lite import dist
 from lavis_lite.models import losses
 from lavis_lite.models.blip2_qformer import Blip2Qformer
-from lavis_lite.models.qformer import QFormer, QFormerConfig
+from lavis_lite.models.qformer import ImageGroups, QFormer, QFormerConfig
 from tests.models.tiny_blip2 import free_port, make_batch, run_in_process_group, tiny_model
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -76,7 +76,7 @@ def _attention(module, hidden, source, mask, past=None):  # MultiHeadAttention w
 
 
 def reference_bert(bert, input_ids=None, attention_mask=None, query_embeds=None, image_embeds=None,
-                   past_key_values=None, is_decoder=False):
+                   past_key_values=None, is_decoder=False, image_mask=None):
     """The padded BertModel.forward: ([B, L, H] at every position, per-layer self-attention (key, value))."""
     cfg = bert.config
     past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
@@ -114,7 +114,8 @@ def reference_bert(bert, input_ids=None, attention_mask=None, query_embeds=None,
             continue
         queries = attended[:, :num_queries]
         if layer.crossattention is not None:
-            crossed, _ = _attention(layer.crossattention.self, queries, image_embeds, None)
+            crossed, _ = _attention(layer.crossattention.self, queries, image_embeds,
+                                    None if image_mask is None else image_mask.bool()[:, None, None, :])
             queries = _residual(layer.crossattention.output, crossed, queries)
         hidden = _residual(layer.output_query, F.gelu(_linear(layer.intermediate_query.dense, queries)), queries)
         if length > num_queries:
@@ -370,6 +371,45 @@ def test_qformer_real_positions_and_gradients_equal_the_padded_path():
     compare(lambda: bert(ids, attention_mask=full, query_embeds=queries, image_key_values=kv.select(index))
             .last_hidden_state,
             lambda: reference_bert(bert, ids, full, queries, image[index])[0], real_full)
+
+
+def test_rows_grouped_by_image_equal_each_row_with_its_own_image_copy():
+    """Cross-attention to shared keys/values: the first ``per_image`` rows of every image grouped
+    (``ImageGroups``: one query sequence per image over its own keys/values), the other rows, or all rows
+    when an image has none, with keys/values gathered per row. Each equals projecting each row's copy
+    of its image, with masked image tokens."""
+    model = small_qformer()
+    bert = model.bert
+    generator = torch.Generator().manual_seed(2)
+    image = torch.randn(4, 7, 16, generator=generator, requires_grad=True)
+    image_mask = torch.ones(4, 7, dtype=torch.long)
+    image_mask[1, 5:] = 0
+    image_mask[3, 2:] = 0
+    for rows, rest in (([0, 1, 2, 3, 2, 2, 1, 1, 0, 1, 2, 3], 4), ([0, 1, 2, 3, 3, 2, 1, 0], 0),
+                       ([3, 3, 3, 3, 3, 3, 3, 0, 1], None)):
+        index = torch.tensor(rows)
+        groups = ImageGroups.of(index, 4)
+        assert (groups is None) == (rest is None)  # image 2 has no row: all gather
+        if groups is not None:  # two rows of each image grouped, image by image; every row once
+            assert groups.per_image == 2 and len(groups.rest) == rest
+            assert torch.equal(index[groups.grouped], torch.arange(4).repeat_interleave(2))
+            assert sorted(torch.cat([groups.grouped, groups.rest]).tolist()) == list(range(len(rows)))
+        queries = torch.randn(len(rows), 3, 32, generator=generator, requires_grad=True)
+        weights = torch.randn(len(rows), 3, 32, generator=generator)
+        outs, grads = [], []
+        for run in (lambda: bert(query_embeds=queries, image_key_values=bert.image_key_values(image, image_mask)
+                                 .select(index)).last_hidden_state,
+                    lambda: reference_bert(bert, query_embeds=queries, image_embeds=image[index],
+                                           image_mask=image_mask[index])[0]):
+            model.zero_grad(set_to_none=True)
+            queries.grad = image.grad = None
+            out = run()
+            (out * weights).sum().backward()
+            outs.append(out)
+            named = [*model.named_parameters(), ("queries", queries), ("image", image)]
+            grads.append({n: p.grad.clone() for n, p in named if p.grad is not None})
+        torch.testing.assert_close(outs[0], outs[1], **LOSS_TOL)
+        assert_same_grads(grads[0], grads[1], f"rows {rows}")
 
 
 def test_qformer_padding_outputs_are_zero_and_image_rows_must_match():
