@@ -1,6 +1,7 @@
 """The tensor image pipeline (``backend: tensor``): within one grey level of the PIL transform on the
-same decode and the same crop/flip draws, the crop drawn before decoding so a reduced-size JPEG decode
-applies whenever that crop allows it, seeded runs reproducible."""
+same decode and the same crop/flip draws (but for ~1 value in a million, off by 2), the crop drawn
+before decoding so a reduced-size JPEG decode applies whenever that crop allows it, seeded runs
+reproducible."""
 from __future__ import annotations
 
 import io
