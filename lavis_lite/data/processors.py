@@ -22,10 +22,11 @@ header's size, the same RNG draws as the PIL transform), then decodes at 1/2, 1/
 ``torchvision.io.decode_jpeg``; crop, bicubic resize (antialiased, as PIL) and flip run on uint8
 tensors and one multiply-add normalises. Measured at 1 thread (bench/bench_images.py): PIL's scaled
 decode beats a full ``decode_jpeg`` whenever it applies, ``decode_jpeg`` beats PIL's full decode, and
-the uint8 resize is ~4x PIL's. On the same decode, pixels are within one grey level of the PIL transform
-except about 1 value in a million, which differs by 2: torch's uint8 kernel rounds the filter
-coefficients to 16 bits, Pillow to 32 (tests/data/test_image_tensor_pipeline.py, bench/RESULTS.md). Other files (PNG, WebP, CMYK JPEGs) are decoded by
-PIL, and decoded images (PIL or uint8 tensors) go through ``__call__``, then the same tensor steps.
+the uint8 resize is ~4x PIL's. On the same decode, pixels are within one grey level of the PIL
+transform except about 1 value in a million, which differs by 2: torch's uint8 kernel rounds the filter
+coefficients to 16 bits, Pillow to 32 (tests/data/test_image_tensor_pipeline.py, bench/RESULTS.md).
+Other files (PNG, WebP, CMYK JPEGs) are decoded by PIL, and decoded images (PIL or uint8 tensors) go
+through ``__call__``, then the same tensor steps.
 """
 from __future__ import annotations
 
