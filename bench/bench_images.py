@@ -64,23 +64,26 @@ def write_images(folder: Path, count: int, width: int, height: int, seed: int = 
 
 
 class Images(Dataset):
-    def __init__(self, paths: list[Path], processor: Any, backend: str, draft: str):
-        self.paths, self.processor, self.backend, self.draft = paths, processor, backend, draft
+    """``paths`` through ``processor``: its ``load`` (tensor backend), or the previous data set route
+    (open, ``draft()``, which does nothing unless the processor's ``jpeg_draft`` is on, decode, transform)."""
+
+    def __init__(self, paths: list[Path], processor: Any):
+        self.paths, self.processor = paths, processor
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if self.backend == "tensor":
+        if self.processor.cfg.backend == "tensor":
             return self.processor.load(self.paths[index])
-        return self.processor(load_image(self.paths[index], self.processor.draft if self.draft == "on" else None))
+        return self.processor(load_image(self.paths[index], self.processor.draft))
 
 
 def make_loader(paths: list[Path], name: str, backend: str, draft: str, workers: int,
                 args: argparse.Namespace) -> tuple[Any, DataLoader]:
     processor = build_processor({"name": name, "image_size": args.image_size, "jpeg_draft": draft == "on",
                                  "backend": backend})
-    loader = DataLoader(Images(paths, processor, backend, draft), batch_size=args.batch_size,
+    loader = DataLoader(Images(paths, processor), batch_size=args.batch_size,
                         num_workers=workers, persistent_workers=workers > 0)
     for images in loader:  # untimed epoch
         assert images.shape[1:] == (3, args.image_size, args.image_size)

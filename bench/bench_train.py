@@ -212,11 +212,12 @@ def given_inputs(args: argparse.Namespace) -> tuple[list[str] | None, torch.Tens
 
 
 def bench(model: nn.Module, stage: int, adamw: str, padding: str, args: argparse.Namespace,
-          device: torch.device) -> dict[str, Any]:
+          device: torch.device, given: tuple[list[str] | None, torch.Tensor | None]) -> dict[str, Any]:
+    """One configuration; ``given``: ``given_inputs(args)``, read once for all of them."""
     release_memory(device)
     model.to(device).train()
     padding = use_text_padding(model, padding)
-    texts, embeds = given_inputs(args)
+    texts, embeds = given
     if embeds is not None:  # the encoder's output as given, every step (this instance only)
         if stage != 1 or any(p.requires_grad for p in model.visual_encoder.parameters()):
             raise SystemExit("--image-embeds: stage 1 with a frozen image encoder (--size real) only")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="peak dense TFLOP/s of the device for MFU (default 989: H100 SXM bf16, CUDA only)")
     add_run_args(parser)
     args = parser.parse_args(argv)
-    given_inputs(args)  # a missing or mismatched --captions / --image-embeds fails before any model is built
+    given = given_inputs(args)  # a missing or mismatched --captions / --image-embeds fails before any model is built
     device = setup_run(args)
     args.batch_size = args.batch_size or DEFAULT_BATCH[args.size]
     if args.amp is None:
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             paddings = args.text_padding if stage == 1 else args.text_padding[:1]
             for adamw in args.adamw:
                 for padding in paddings:
-                    run = bench(model, stage, adamw, padding, args, device)
+                    run = bench(model, stage, adamw, padding, args, device, given)
                     run["build_s"] = build_s
                     results["runs"].append(run)
             del model
